@@ -1,0 +1,220 @@
+"""Batch normalization (Ioffe & Szegedy, 2015)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from jaxnorm import _checks, _stats
+from jaxnorm._types import BatchNormState, NormParams
+
+
+def _as_shape(num_features: int | Sequence[int], name: str) -> tuple[int, ...]:
+  if isinstance(num_features, int) and not isinstance(num_features, bool):
+    shape = (num_features,)
+  else:
+    try:
+      shape = tuple(int(d) for d in num_features)
+    except TypeError:
+      raise TypeError(
+        f"`{name}` must be an int or a tuple of ints, got {num_features!r}."
+      ) from None
+  if any(d <= 0 for d in shape):
+    raise ValueError(f"`{name}` must be positive, got {num_features!r}.")
+  return shape
+
+
+def batch_norm_init(
+  num_features: int | Sequence[int],
+  *,
+  use_scale: bool = True,
+  use_bias: bool = True,
+  param_dtype: Any = jnp.float32,
+) -> tuple[NormParams, BatchNormState]:
+  """Creates batch-norm parameters and running statistics.
+
+  Needs no RNG key, no data and no named axis.
+
+  Args:
+    num_features: ``C``, the size of the channel axis (a tuple when ``axis``
+      of :func:`batch_norm` names several axes).
+    use_scale: whether to create ``scale`` (ones); otherwise it is ``None``.
+    use_bias: whether to create ``bias`` (zeros); otherwise it is ``None``.
+    param_dtype: dtype of ``scale`` and ``bias``. The state is float32.
+
+  Returns:
+    ``(params, state)``: ``NormParams(scale, bias)`` of shape ``(C,)`` and
+    ``BatchNormState(mean=zeros, var=ones)`` of shape ``(C,)``.
+
+  Examples:
+    >>> import jaxnorm as jn
+    >>> params, state = jn.batch_norm_init(3)
+    >>> params.scale, state.var
+    (Array([1., 1., 1.], dtype=float32), Array([1., 1., 1.], dtype=float32))
+  """
+  shape = _as_shape(num_features, "num_features")
+  params = NormParams(
+    scale=jnp.ones(shape, param_dtype) if use_scale else None,
+    bias=jnp.zeros(shape, param_dtype) if use_bias else None,
+  )
+  state = BatchNormState(
+    mean=jnp.zeros(shape, jnp.float32), var=jnp.ones(shape, jnp.float32)
+  )
+  return params, state
+
+
+def batch_norm(
+  x: ArrayLike,
+  params: NormParams,
+  state: BatchNormState,
+  *,
+  use_running_average: bool,
+  axis: int | Sequence[int] = -1,
+  momentum: float = 0.99,
+  epsilon: float = 1e-5,
+  axis_name: Hashable | None = None,
+  axis_index_groups: Any = None,
+  mask: ArrayLike | None = None,
+  dtype: Any = None,
+  force_float32_reductions: bool = True,
+) -> tuple[jax.Array, BatchNormState]:
+  r"""Batch normalization: per channel, over every other axis of the batch.
+
+  In training (``use_running_average=False``) the mean ``mu`` and the biased
+  variance ``sigma^2`` are taken over every axis of ``x`` except ``axis``:
+  over N, H, W of an NHWC or NCHW image, per channel C.
+
+  .. math::
+    y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} \cdot \mathrm{scale}
+        + \mathrm{bias}, \qquad
+    \mathrm{state}' = m \cdot \mathrm{state} + (1 - m) \cdot (\mu, \sigma^2)
+
+  The running variance is the biased one (flax's convention; PyTorch stores
+  the unbiased one), and ``momentum`` is the weight of the old value, so
+  PyTorch's ``momentum=0.1`` is ``momentum=0.9`` here. In evaluation
+  (``use_running_average=True``) the running statistics are used and the
+  state comes back unchanged.
+
+  Statistics are accumulated in at least float32 with a shifted one-pass
+  formula that does not lose digits when the mean is large; the output has
+  the dtype of ``x`` (or ``dtype``). The backward pass keeps only ``x`` and
+  per-channel statistics.
+
+  With ``axis_name`` (under ``pmap``, ``shard_map`` or a named ``vmap``)
+  the statistics are those of the union of every device's elements, each
+  device weighted by its count, in a single ``psum``; ``axis_index_groups``
+  restricts that to groups of devices. Under ``jax.jit`` with sharded
+  inputs no ``axis_name`` is needed.
+
+  Args:
+    x: input ``(N, ..., C, ...)``, floating point.
+    params: ``NormParams(scale, bias)``, each of shape ``(C,)`` or ``None``.
+    state: ``BatchNormState(mean, var)`` of shape ``(C,)``.
+    use_running_average: ``True`` to normalize with the running statistics
+      (evaluation), ``False`` to use and update batch statistics (training).
+    axis: the channel axis (or axes), kept; every other axis is reduced.
+      ``-1`` for NHWC, ``1`` for NCHW.
+    momentum: weight of the old running statistics.
+    epsilon: added to the variance inside the square root.
+    axis_name: named axis to reduce the statistics over, or ``None``.
+    axis_index_groups: optional groups of indices along ``axis_name``.
+    mask: optional boolean array broadcastable to ``x``; ``False`` elements
+      do not enter the statistics (they are still normalized).
+    dtype: output dtype (default: the dtype of ``x``). Statistics use at
+      least float32 and at least this dtype.
+    force_float32_reductions: when ``False``, statistics are computed in the
+      input dtype instead of at least float32 (flax's flag of that name).
+
+  Returns:
+    ``(y, new_state)``: ``y`` of the shape of ``x``, and the updated state
+    (the same object as ``state`` when ``use_running_average`` is true).
+
+  Raises:
+    TypeError: ``x`` is not floating point, or ``use_running_average`` is
+      not a Python bool.
+    ValueError: ``axis`` out of range, parameter or state shapes that do not
+      match ``x``, a ``mask`` that does not broadcast, an unbound
+      ``axis_name``, bad ``axis_index_groups``, or a single value per
+      channel in training.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> import jaxnorm as jn
+    >>> x = jax.random.normal(jax.random.key(0), (8, 5, 5, 3)) * 2.0 + 1.0
+    >>> params, state = jn.batch_norm_init(3)
+    >>> y, state = jn.batch_norm(x, params, state, use_running_average=False)
+    >>> y.shape, bool(jnp.allclose(y.mean((0, 1, 2)), 0.0, atol=1e-5))
+    ((8, 5, 5, 3), True)
+    >>> y_eval, _ = jn.batch_norm(x, params, state, use_running_average=True)
+  """
+  x = _checks.check_input(x)
+  if not isinstance(use_running_average, bool):
+    raise TypeError(
+      "`use_running_average` must be a Python bool (it selects the code "
+      f"path at trace time), got {type(use_running_average).__name__}."
+    )
+  feature_axes = _checks.canonicalize_axes(x.ndim, axis, "axis")
+  reduction_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
+  fshape = _checks.feature_shape(x.shape, feature_axes)
+  bshape = _checks.broadcast_shape(x.ndim, x.shape, feature_axes)
+  scale = _checks.check_param(params.scale, fshape, "params.scale")
+  bias = _checks.check_param(params.bias, fshape, "params.bias")
+  mean_state = _checks.check_param(state.mean, fshape, "state.mean")
+  var_state = _checks.check_param(state.var, fshape, "state.var")
+  mask = _checks.check_mask(mask, x.shape)
+  stats_dtype = _checks.compute_dtype(x.dtype, dtype, force_float32_reductions)
+  out_dtype = x.dtype if dtype is None else jnp.dtype(dtype)
+  scale_b = None if scale is None else scale.reshape(bshape)
+  bias_b = None if bias is None else bias.reshape(bshape)
+
+  if use_running_average:
+    y = _stats.normalize_with(
+      x,
+      mean_state.reshape(bshape),
+      var_state.reshape(bshape),
+      scale=scale_b,
+      bias=bias_b,
+      epsilon=epsilon,
+      dtype=stats_dtype,
+      out_dtype=out_dtype,
+    )
+    return y, state
+
+  size, _ = _checks.check_axis_name(axis_name, axis_index_groups)
+  per_device = math.prod(x.shape[a] for a in reduction_axes)
+  group = size if axis_index_groups is None else len(axis_index_groups[0])
+  if mask is None and per_device * group <= 1:
+    raise ValueError(
+      f"Expected more than 1 value per channel in training mode, got `x` of "
+      f"shape {x.shape} reduced over axes {reduction_axes}: batch statistics "
+      "of a single value are meaningless. Pass `use_running_average=True` or "
+      "a larger batch."
+    )
+  y, mean, var = _stats.normalize_over(
+    x,
+    axes=reduction_axes,
+    scale=scale_b,
+    bias=bias_b,
+    mask=mask,
+    use_mean=True,
+    epsilon=epsilon,
+    axis_name=axis_name,
+    axis_index_groups=axis_index_groups,
+    dtype=stats_dtype,
+    out_dtype=out_dtype,
+  )
+  new_state = BatchNormState(
+    mean=_ema(mean_state, mean.reshape(fshape), momentum),
+    var=_ema(var_state, var.reshape(fshape), momentum),
+  )
+  return y, new_state
+
+
+def _ema(old: jax.Array, new: jax.Array, momentum: float) -> jax.Array:
+  new = jnp.real(new) if not jnp.iscomplexobj(old) else new
+  return (momentum * old + (1.0 - momentum) * new).astype(old.dtype)
