@@ -82,6 +82,7 @@ def batch_norm(
   mask: ArrayLike | None = None,
   dtype: Any = None,
   force_float32_reductions: bool = True,
+  virtual_batch_size: int | None = None,
 ) -> tuple[jax.Array, BatchNormState]:
   r"""Batch normalization: per channel, over every other axis of the batch.
 
@@ -111,6 +112,19 @@ def batch_norm(
   restricts that to groups of devices. Under ``jax.jit`` with sharded
   inputs no ``axis_name`` is needed.
 
+  **Ghost batch norm** (Hoffer et al., 2017, "Train longer, generalize
+  better"): with ``virtual_batch_size=k``, axis 0 is split into ``N // k``
+  consecutive groups of ``k`` samples and each group is normalized with its
+  own statistics (over its ``k`` samples and every non-channel axis). The
+  running mean and variance move toward the mean, over the groups, of each
+  group's mean and variance. Evaluation is unchanged. With ``axis_name``,
+  each device's ghost batches are its own (groups never span devices, as
+  when every device runs ghost BN on its shard); only the running-state
+  update averages the group statistics of every device (of the group in
+  ``axis_index_groups``), so the new state is identical on every device.
+  With a ``mask``, a group whose elements are all masked out does not enter
+  that average.
+
   Args:
     x: input ``(N, ..., C, ...)``, floating point.
     params: ``NormParams(scale, bias)``, each of shape ``(C,)`` or ``None``.
@@ -129,6 +143,8 @@ def batch_norm(
       least float32 and at least this dtype.
     force_float32_reductions: when ``False``, statistics are computed in the
       input dtype instead of at least float32 (flax's flag of that name).
+    virtual_batch_size: ``k`` for ghost batch norm, or ``None`` (plain BN,
+      the default). ``k`` must divide ``x.shape[0]``.
 
   Returns:
     ``(y, new_state)``: ``y`` of the shape of ``x``, and the updated state
@@ -139,8 +155,9 @@ def batch_norm(
       not a Python bool.
     ValueError: ``axis`` out of range, parameter or state shapes that do not
       match ``x``, a ``mask`` that does not broadcast, an unbound
-      ``axis_name``, bad ``axis_index_groups``, or a single value per
-      channel in training.
+      ``axis_name``, bad ``axis_index_groups``, a single value per
+      channel in training, or a ``virtual_batch_size`` that does not divide
+      the batch.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -151,6 +168,13 @@ def batch_norm(
     >>> y.shape, bool(jnp.allclose(y.mean((0, 1, 2)), 0.0, atol=1e-5))
     ((8, 5, 5, 3), True)
     >>> y_eval, _ = jn.batch_norm(x, params, state, use_running_average=True)
+
+    Ghost batch norm, two groups of four samples:
+
+    >>> y, state = jn.batch_norm(
+    ...     x, params, state, use_running_average=False, virtual_batch_size=4)
+    >>> bool(jnp.allclose(y[:4].mean((0, 1, 2)), 0.0, atol=1e-5))
+    True
   """
   x = _checks.check_input(x)
   if not isinstance(use_running_average, bool):
@@ -185,16 +209,24 @@ def batch_norm(
     )
     return y, state
 
-  size, _ = _checks.check_axis_name(axis_name, axis_index_groups)
-  per_device = math.prod(x.shape[a] for a in reduction_axes)
-  group = size if axis_index_groups is None else len(axis_index_groups[0])
-  if mask is None and per_device * group <= 1:
-    raise ValueError(
-      f"Expected more than 1 value per channel in training mode, got `x` of "
-      f"shape {x.shape} reduced over axes {reduction_axes}: batch statistics "
-      "of a single value are meaningless. Pass `use_running_average=True` or "
-      "a larger batch."
+  if virtual_batch_size is not None:
+    return _ghost_batch_norm(
+      x,
+      scale_b,
+      bias_b,
+      mean_state,
+      var_state,
+      virtual_batch_size=virtual_batch_size,
+      feature_axes=feature_axes,
+      momentum=momentum,
+      epsilon=epsilon,
+      axis_name=axis_name,
+      axis_index_groups=axis_index_groups,
+      mask=mask,
+      stats_dtype=stats_dtype,
+      out_dtype=out_dtype,
     )
+  check_batch_size(x.shape, reduction_axes, axis_name, axis_index_groups, mask)
   y, mean, var = _stats.normalize_over(
     x,
     axes=reduction_axes,
@@ -213,6 +245,117 @@ def batch_norm(
     var=_ema(var_state, var.reshape(fshape), momentum),
   )
   return y, new_state
+
+
+def check_batch_size(
+  x_shape: tuple[int, ...],
+  reduction_axes: tuple[int, ...],
+  axis_name: Hashable | None,
+  axis_index_groups: Any,
+  mask: jax.Array | None,
+) -> None:
+  """Raises unless training statistics see more than one value per channel."""
+  size, _ = _checks.check_axis_name(axis_name, axis_index_groups)
+  per_device = math.prod(x_shape[a] for a in reduction_axes)
+  group = size if axis_index_groups is None else len(axis_index_groups[0])
+  if mask is None and per_device * group <= 1:
+    raise ValueError(
+      f"Expected more than 1 value per channel in training mode, got `x` of "
+      f"shape {x_shape} reduced over axes {reduction_axes}: batch statistics "
+      "of a single value are meaningless. Pass `use_running_average=True` or "
+      "a larger batch."
+    )
+
+
+def _ghost_batch_norm(
+  x,
+  scale_b,
+  bias_b,
+  mean_state,
+  var_state,
+  *,
+  virtual_batch_size,
+  feature_axes,
+  momentum,
+  epsilon,
+  axis_name,
+  axis_index_groups,
+  mask,
+  stats_dtype,
+  out_dtype,
+):
+  """Ghost BN: batch norm of each group of ``k`` consecutive samples."""
+  k = virtual_batch_size
+  if not isinstance(k, int) or isinstance(k, bool) or k <= 0:
+    raise TypeError(f"`virtual_batch_size` must be a positive int or None, got {k!r}.")
+  if 0 in feature_axes:
+    raise ValueError(
+      "`virtual_batch_size` splits the batch axis 0, which `axis` names as a "
+      "channel axis."
+    )
+  n = x.shape[0]
+  if n % k:
+    raise ValueError(
+      f"`virtual_batch_size`={k} does not divide the batch size {n} (axis 0 "
+      f"of `x`, shape {x.shape})."
+    )
+  sync = _stats.make_sync(axis_name, axis_index_groups)
+  reduction_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
+  if (
+    mask is None and math.prod(k if a == 0 else x.shape[a] for a in reduction_axes) <= 1
+  ):
+    raise ValueError(
+      f"`virtual_batch_size`={k} leaves a single value per channel in each "
+      f"ghost batch of `x` of shape {x.shape}: batch statistics of a single "
+      "value are meaningless."
+    )
+  # (N, ...) -> (N // k, k, ...): axis 0 indexes the ghost batches and is
+  # kept, like the channel axes; the statistics of each group are then one
+  # plain reduction.
+  groups = n // k
+  xg = x.reshape((groups, k) + x.shape[1:])
+  axes = tuple(a + 1 for a in reduction_axes)
+  scale_g = None if scale_b is None else scale_b[None]
+  bias_g = None if bias_b is None else bias_b[None]
+  mask_g = None
+  if mask is not None:
+    if mask.shape[0] == n:
+      mask_g = mask.reshape((groups, k) + mask.shape[1:])
+    else:
+      mask_g = mask[None]
+  y, mean, var = _stats.normalize_over(
+    xg,
+    axes=axes,
+    scale=scale_g,
+    bias=bias_g,
+    mask=mask_g,
+    use_mean=True,
+    epsilon=epsilon,
+    axis_name=None,  # Ghost batches are per device: see the docstring.
+    axis_index_groups=None,
+    dtype=stats_dtype,
+    out_dtype=out_dtype,
+  )
+  fshape = mean_state.shape
+  # Average the group statistics over the groups (of every device): the
+  # moments helper with the groups as the reduced axis does exactly that,
+  # count-weighted across devices, and skips fully masked groups.
+  stats = jnp.stack([mean.reshape((groups,) + fshape), var.reshape((groups,) + fshape)])
+  valid = None
+  if mask_g is not None:
+    has = jnp.any(jnp.broadcast_to(mask_g, xg.shape), axis=axes, keepdims=True)
+    valid = has.reshape((1, groups) + (1,) * len(fshape))
+  m = _stats.moments(
+    stats, (1,), mask=valid, use_mean=True, sync=sync, dtype=stats.dtype
+  )
+  group_mean, group_var = m.mean[0, 0], m.mean[1, 0]
+  # A device (or group of devices) with every group masked keeps its state.
+  seen = m.count[0, 0] > 0
+  new_state = BatchNormState(
+    mean=jnp.where(seen, _ema(mean_state, group_mean, momentum), mean_state),
+    var=jnp.where(seen, _ema(var_state, group_var, momentum), var_state),
+  )
+  return y.reshape(x.shape), new_state
 
 
 def _ema(old: jax.Array, new: jax.Array, momentum: float) -> jax.Array:

@@ -50,10 +50,10 @@ def _local_moments(xf, axes, mask, use_mean):
   """Count, mean and sum of squared deviations of this device's elements.
 
   Without a mask the variance is one pass over ``x`` shifted by one of its own
-  elements, so both sums fuse into one read of ``x`` and the shift removes the
-  cancellation of ``E[x^2] - E[x]^2`` (x = 1e4 + N(0, 1) loses every digit in
-  float32 otherwise). With a mask the shift element could be a padded value
-  far from the data, so it takes the exact two-pass route instead.
+  elements: the shift removes the cancellation of ``E[x^2] - E[x]^2`` (x =
+  1e4 + N(0, 1) loses every digit in float32 otherwise) and keeps the mean
+  exact to float32 rounding. With a mask the shift element could be a padded
+  value far from the data, so it takes the exact two-pass route instead.
   """
   if mask is None:
     n = float(math.prod(xf.shape[a] for a in axes))
@@ -64,13 +64,17 @@ def _local_moments(xf, axes, mask, use_mean):
     shift = lax.slice_in_dim(xf, 0, 1, axis=axes[0]) if axes else xf
     for a in axes[1:]:
       shift = lax.slice_in_dim(shift, 0, 1, axis=a)
-    d = xf - shift
-    s1 = _sum(d, axes)
-    s2 = _sum(abs_sq(d), axes)
-    mean_d = s1 / n
-    m2 = jnp.maximum(s2 - jnp.real(s1 * jnp.conj(mean_d)), 0.0)
-    return count, shift + mean_d, m2
-  count = _sum(mask.astype(jnp.real(xf).dtype), axes)
+    # x - shift is written two different ways on purpose. Written once, CSE
+    # shares it between the two sums and XLA (YNN fusions on CPU) writes the
+    # shifted copy of x to memory and reads it twice; written differently,
+    # each sum is its own reduction fusion that reads x directly.
+    neg_s1 = _sum(shift - xf, axes)
+    s2 = _sum(abs_sq(xf + (-shift)), axes)
+    m2 = jnp.maximum(s2 - jnp.real(neg_s1 * jnp.conj(neg_s1)) / n, 0.0)
+    return count, shift - neg_s1 / n, m2
+  # A mask that broadcasts along a reduced axis counts once per element there.
+  repeats = math.prod(xf.shape[a] for a in axes if mask.shape[a] == 1)
+  count = _sum(mask.astype(jnp.real(xf).dtype), axes) * float(repeats)
   count = jnp.broadcast_to(count, jnp.broadcast_shapes(count.shape, (1,) * xf.ndim))
   safe = jnp.maximum(count, 1.0)
   if not use_mean:
@@ -139,6 +143,37 @@ def _psum(parts: jax.Array, sync: _Sync) -> jax.Array:
   buf = _all_gather_by_psum(parts, sync)
   w = _group_weights(sync).reshape((-1,) + (1,) * parts.ndim)
   return jnp.sum(buf * w.astype(buf.dtype), axis=0)
+
+
+def _psum_grads(sums, cotangents, x, sync: _Sync) -> tuple[jax.Array, ...]:
+  """The backward pass's one collective: ``sums`` and per-device cotangents.
+
+  Under ``pmap`` and named ``vmap`` every device returns its own copy of the
+  mean and variance, so their cotangents are summed like ``sums``. Under
+  ``shard_map`` the returned statistics are invariant (no groups) and their
+  cotangent is already the total: summing it would count it once per device.
+  """
+  total = tuple(
+    sync.axis_name is not None
+    and sync.axis_name in _varying_axes(x)
+    and sync.axis_name not in _varying_axes(c)
+    for c in cotangents
+  )
+  to_sum = list(sums) + [c for c, t in zip(cotangents, total, strict=True) if not t]
+  summed = iter(_psum(jnp.stack(jnp.broadcast_arrays(*to_sum)), sync))
+  out = [next(summed) for _ in sums]
+  for c, t in zip(cotangents, total, strict=True):
+    out.append(jnp.broadcast_to(c, out[0].shape) if t else next(summed))
+  return tuple(out)
+
+
+def make_sync(axis_name: Hashable | None, axis_index_groups: Any) -> _Sync:
+  """Checks ``axis_name``/``axis_index_groups`` and describes the reduction.
+
+  For layers that call :func:`moments` themselves.
+  """
+  size, groups = _checks.check_axis_name(axis_name, axis_index_groups)
+  return _Sync(axis_name, size, groups)
 
 
 def moments(
@@ -210,33 +245,54 @@ def _fused_bwd(cfg, res, cts):
   g, g_mean, g_var = cts
   dtype = cfg.dtype
   gf = g.astype(dtype)
-  xhat = (x.astype(dtype) - mean) * inv
-  dxhat = gf if scale is None else gf * scale.astype(dtype)
-  dxhat_in = dxhat if mask is None else jnp.where(mask, dxhat, 0.0)
-  c2 = _sum(dxhat_in * xhat, cfg.axes)
-  if cfg.use_mean:
-    c1 = _sum(dxhat_in, cfg.axes)
-    parts = jnp.stack(jnp.broadcast_arrays(c1, c2, g_mean, g_var))
-    c1, c2, g_mean, g_var = _psum(parts, cfg.sync)
+  xf = x.astype(dtype)
+  sf = None if scale is None else scale.astype(dtype)
+  # Every sum below reads x and dy directly, each through an expression of
+  # its own: a subexpression shared by two sums (x - mean, dy * scale) would
+  # be written to memory once and read back by each (XLA does not duplicate
+  # it into reduction fusions), which costs more than recomputing it.
+  #
+  # Masked-out elements are normalized too, so their cotangents reach the
+  # statistics: c1 and c2 sum over every element; only the correction below
+  # (d stats / dx) is restricted to the elements that entered the statistics.
+  per_row = all(
+    p is None or all(p.shape[a] == 1 for a in cfg.axes) for p in (scale, bias)
+  )
+  if per_row:
+    # scale and bias are constant over the reduced axes (batch and instance
+    # norm): two sums give c1, c2 and the parameter gradients at once.
+    sum_g = _sum(gf, cfg.axes)
+    sum_gx = _sum((xf - mean) * gf, cfg.axes)
+    c1 = sum_g if sf is None else sum_g * sf
+    c2 = sum_gx * inv if sf is None else sum_gx * (inv * sf)
   else:
-    parts = jnp.stack(jnp.broadcast_arrays(c2, g_var))
-    c2, g_var = _psum(parts, cfg.sync)
+    c1 = _sum(gf if sf is None else gf * sf, cfg.axes)
+    dxc = (xf - mean) * gf if sf is None else (xf - mean) * sf * gf
+    c2 = _sum(dxc, cfg.axes) * inv
+  if cfg.use_mean:
+    c1, c2, g_mean, g_var = _psum_grads((c1, c2), (g_mean, g_var), x, cfg.sync)
+  else:
+    c2, g_var = _psum_grads((c2,), (g_var,), x, cfg.sync)
   # dx = inv * dxhat - [mask] * (a + xhat * b), the usual batch-norm gradient
   # with the cotangents of the returned mean and variance folded into a, b.
   rn = 1.0 / jnp.maximum(count, 1.0)
   b = (inv * c2 - 2.0 * g_var / inv) * rn
-  corr = xhat * b
+  corr = (xf - mean) * (inv * b)
   if cfg.use_mean:
     corr = corr + (inv * c1 - g_mean) * rn
   if mask is not None:
     corr = jnp.where(mask, corr, 0.0)
-  dx = (inv * dxhat - corr).astype(x.dtype)
+  dx = (gf * (inv if sf is None else inv * sf) - corr).astype(x.dtype)
   dscale = None
   if scale is not None:
-    dscale = _reduce_to(gf * xhat, scale.shape).astype(scale.dtype)
+    if per_row:
+      dscale = _reduce_to(sum_gx * inv, scale.shape)
+    else:
+      dscale = _reduce_to(gf * ((xf + (-mean)) * inv), scale.shape)
+    dscale = dscale.astype(scale.dtype)
   dbias = None
   if bias is not None:
-    dbias = _reduce_to(gf, bias.shape).astype(bias.dtype)
+    dbias = _reduce_to(sum_g if per_row else gf, bias.shape).astype(bias.dtype)
   return dx, dscale, dbias, None
 
 
@@ -251,12 +307,20 @@ def _match_vma(v, x):
   """
   if v is None:
     return None
-  missing = tuple(
-    a
-    for a in getattr(jax.typeof(x), "vma", ())
-    if a not in getattr(jax.typeof(v), "vma", ())
-  )
+  missing = tuple(a for a in _varying_axes(x) if a not in _varying_axes(v))
   return lax.pcast(v, missing, to="varying") if missing else v
+
+
+def _varying_axes(v) -> frozenset:
+  """The shard_map axes ``v`` varies over (empty outside shard_map).
+
+  Older jax spells it ``aval.vma``, newer ``aval.mat.varying``.
+  """
+  aval = jax.typeof(v)
+  mat = getattr(aval, "mat", None)
+  if mat is not None:
+    return frozenset(mat.varying)
+  return frozenset(getattr(aval, "vma", ()))
 
 
 def normalize_over(

@@ -5,3 +5,33 @@ functional core in :mod:`jaxnorm`.
 """
 
 # Re-exports only. Each family lives in a private module of this package.
+
+from jaxnorm.linen._core import BatchNorm as BatchNorm
+from jaxnorm.linen._core import GroupNorm as GroupNorm
+from jaxnorm.linen._core import InstanceNorm as InstanceNorm
+from jaxnorm.linen._core import LayerNorm as LayerNorm
+from jaxnorm.linen._core import RMSNorm as RMSNorm
+from jaxnorm.linen._zoo_a import BatchRenorm as BatchRenorm
+from jaxnorm.linen._zoo_a import FilterResponseNorm as FilterResponseNorm
+from jaxnorm.linen._zoo_a import SwitchableNorm as SwitchableNorm
+from jaxnorm.linen._zoo_b import EvoNormB0 as EvoNormB0
+from jaxnorm.linen._zoo_b import EvoNormS0 as EvoNormS0
+from jaxnorm.linen._zoo_b import MovingAverageBatchNorm as MovingAverageBatchNorm
+from jaxnorm.linen._zoo_b import SpectralNorm as SpectralNorm
+from jaxnorm.linen._zoo_b import WeightNorm as WeightNorm
+
+__all__ = [
+  "BatchNorm",
+  "GroupNorm",
+  "InstanceNorm",
+  "LayerNorm",
+  "RMSNorm",
+  "BatchRenorm",
+  "FilterResponseNorm",
+  "SwitchableNorm",
+  "EvoNormB0",
+  "EvoNormS0",
+  "MovingAverageBatchNorm",
+  "SpectralNorm",
+  "WeightNorm",
+]

@@ -5,3 +5,35 @@ functional core in :mod:`jaxnorm`.
 """
 
 # Re-exports only. Each family lives in a private module of this package.
+
+from jaxnorm.nnx._core import BatchNorm as BatchNorm
+from jaxnorm.nnx._core import GroupNorm as GroupNorm
+from jaxnorm.nnx._core import InstanceNorm as InstanceNorm
+from jaxnorm.nnx._core import LayerNorm as LayerNorm
+from jaxnorm.nnx._core import RMSNorm as RMSNorm
+from jaxnorm.nnx._zoo_a import BatchRenorm as BatchRenorm
+from jaxnorm.nnx._zoo_a import FilterResponseNorm as FilterResponseNorm
+from jaxnorm.nnx._zoo_a import SwitchableNorm as SwitchableNorm
+from jaxnorm.nnx._zoo_b import EvoNormB0 as EvoNormB0
+from jaxnorm.nnx._zoo_b import EvoNormS0 as EvoNormS0
+from jaxnorm.nnx._zoo_b import GradMoments as GradMoments
+from jaxnorm.nnx._zoo_b import MovingAverageBatchNorm as MovingAverageBatchNorm
+from jaxnorm.nnx._zoo_b import SpectralNorm as SpectralNorm
+from jaxnorm.nnx._zoo_b import WeightNorm as WeightNorm
+
+__all__ = [
+  "BatchNorm",
+  "GroupNorm",
+  "InstanceNorm",
+  "LayerNorm",
+  "RMSNorm",
+  "BatchRenorm",
+  "FilterResponseNorm",
+  "SwitchableNorm",
+  "EvoNormB0",
+  "EvoNormS0",
+  "GradMoments",
+  "MovingAverageBatchNorm",
+  "SpectralNorm",
+  "WeightNorm",
+]

@@ -1,0 +1,412 @@
+"""Moving Average Batch Normalization, MABN (Yan et al., 2020)."""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Hashable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.typing import ArrayLike
+
+from jaxnorm import _checks, _stats
+from jaxnorm._batch_norm import _as_shape
+from jaxnorm._types import NormParams
+
+
+class MovingAverageBatchNormState(NamedTuple):
+  """State of :func:`moving_average_batch_norm`: fixed-size float32 arrays.
+
+  Attributes:
+    var: ``(C,)`` exponential moving average of the batch second moment
+      ``E[x^2]``, used in evaluation; starts at 1.
+    second_moments: ``(buffer_size, C)`` ring buffer of the last batch
+      second moments ``E[x^2]`` (forward statistic); starts at 0.
+    grad_moments: ``(buffer_size, C)`` ring buffer of the last batch
+      gradient statistics ``mean(g * x_hat)`` (backward statistic); starts at
+      0. It is written by the *backward* pass: see
+      :func:`moving_average_batch_norm`.
+    count: ``()`` int32, the number of training steps taken.
+  """
+
+  var: jax.Array
+  second_moments: jax.Array
+  grad_moments: jax.Array
+  count: jax.Array
+
+
+def moving_average_batch_norm_init(
+  num_features: int,
+  *,
+  buffer_size: int = 16,
+  use_scale: bool = True,
+  use_bias: bool = True,
+  param_dtype: Any = jnp.float32,
+) -> tuple[NormParams, MovingAverageBatchNormState]:
+  """Creates MABN parameters and state.
+
+  Args:
+    num_features: ``C``, the size of the channel axis.
+    buffer_size: how many past batches the simple moving averages span (the
+      paper's window; its reference code uses the simulated batch size over
+      the real one).
+    use_scale: whether to create ``scale`` (ones).
+    use_bias: whether to create ``bias`` (zeros).
+    param_dtype: dtype of ``scale`` and ``bias``. The state is float32.
+
+  Returns:
+    ``(NormParams(scale, bias), MovingAverageBatchNormState)``.
+
+  Examples:
+    >>> import jaxnorm as jn
+    >>> params, state = jn.moving_average_batch_norm_init(3, buffer_size=4)
+    >>> state.second_moments.shape, state.var
+    ((4, 3), Array([1., 1., 1.], dtype=float32))
+  """
+  shape = _as_shape(num_features, "num_features")
+  if (
+    not isinstance(buffer_size, int) or isinstance(buffer_size, bool) or buffer_size < 1
+  ):
+    raise ValueError(f"`buffer_size` must be a positive int, got {buffer_size!r}.")
+  params = NormParams(
+    scale=jnp.ones(shape, param_dtype) if use_scale else None,
+    bias=jnp.zeros(shape, param_dtype) if use_bias else None,
+  )
+  state = MovingAverageBatchNormState(
+    var=jnp.ones(shape, jnp.float32),
+    second_moments=jnp.zeros((buffer_size, *shape), jnp.float32),
+    grad_moments=jnp.zeros((buffer_size, *shape), jnp.float32),
+    count=jnp.zeros((), jnp.int32),
+  )
+  return params, state
+
+
+class _Config(NamedTuple):
+  axes: tuple[int, ...]
+  sync: Any
+  dtype: Any
+  out_dtype: Any
+  replicas: int
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _mabn_apply(cfg, x, scale, bias, mask, mul, inv, grad_moments, old_sum, slot, n):
+  del mask, inv, grad_moments, old_sum, slot, n
+  y = x.astype(cfg.dtype) * mul
+  if scale is not None:
+    y = y * scale.astype(cfg.dtype)
+  if bias is not None:
+    y = y + bias.astype(cfg.dtype)
+  return y.astype(cfg.out_dtype)
+
+
+def _mabn_fwd(cfg, x, scale, bias, mask, mul, inv, grad_moments, old_sum, slot, n):
+  y = _mabn_apply(cfg, x, scale, bias, mask, mul, inv, grad_moments, old_sum, slot, n)
+  return y, (x, scale, bias, mask, mul, inv, grad_moments, old_sum, slot, n)
+
+
+def _mabn_bwd(cfg, res, g):
+  x, scale, bias, mask, mul, inv, grad_moments, old_sum, slot, n = res
+  dtype = cfg.dtype
+  gf = g.astype(dtype)
+  xhat = x.astype(dtype) * inv
+  # r = mul / inv is the renormalization factor; it is a constant here.
+  r = mul / inv
+  dxhat = gf * r if scale is None else gf * r * scale.astype(dtype)
+  dxhat_in = dxhat if mask is None else jnp.where(mask, dxhat, 0.0)
+  if mask is None:
+    local = float(math.prod(x.shape[a] for a in cfg.axes))
+    count = jnp.full(inv.shape, local, dtype)
+  else:
+    count = jnp.sum(mask.astype(dtype), cfg.axes, keepdims=True)
+  parts = jnp.stack(
+    jnp.broadcast_arrays(jnp.sum(dxhat_in * xhat, cfg.axes, keepdims=True), count)
+  )
+  total, count = _stats._psum(parts, cfg.sync)
+  # psi_t: this batch's mean(g * x_hat), over every device's elements.
+  psi = (total / jnp.maximum(count, 1.0)).reshape(old_sum.shape)
+  # The paper replaces psi_t by its simple moving average over the buffer,
+  # the current value included.
+  psi_bar = (old_sum + psi) / n
+  corr = xhat * psi_bar.reshape(inv.shape)
+  if mask is not None:
+    corr = jnp.where(mask, corr, 0.0)
+  dx = (inv * (dxhat - corr)).astype(x.dtype)
+  dscale = None
+  if scale is not None:
+    dscale = _stats._reduce_to(gf * r * xhat, scale.shape).astype(scale.dtype)
+  dbias = None
+  if bias is not None:
+    dbias = _stats._reduce_to(gf, bias.shape).astype(bias.dtype)
+  # The cotangent of `state.grad_moments` is the increment that writes psi_t
+  # into this step's slot (see the docstring of moving_average_batch_norm).
+  onehot = (jnp.arange(grad_moments.shape[0]) == slot).astype(dtype)
+  onehot = onehot.reshape((-1,) + (1,) * (grad_moments.ndim - 1))
+  delta = onehot * (psi - grad_moments.astype(dtype))
+  delta = (delta / cfg.replicas).astype(grad_moments.dtype)
+  return dx, dscale, dbias, None, None, None, delta, None, None, None
+
+
+_mabn_apply.defvjp(_mabn_fwd, _mabn_bwd)
+
+
+def moving_average_batch_norm(
+  x: ArrayLike,
+  params: NormParams,
+  state: MovingAverageBatchNormState,
+  *,
+  use_running_average: bool,
+  axis: int = -1,
+  momentum: float = 0.98,
+  epsilon: float = 1e-5,
+  axis_name: Hashable | None = None,
+  axis_index_groups: Any = None,
+  mask: ArrayLike | None = None,
+  renorm_warmup_steps: int = 1000,
+  r_max: float = 5.0,
+  dtype: Any = None,
+) -> tuple[jax.Array, MovingAverageBatchNormState]:
+  r"""Moving Average Batch Normalization (MABN).
+
+  Batch norm for small batches (Yan et al., 2020): both the forward batch
+  statistic and the two extra batch statistics of the backward pass are
+  replaced by moving averages over the last ``buffer_size`` batches. In
+  training, per channel, over every axis but ``axis``:
+
+  .. math::
+    \chi_t = \mathrm{E}[x^2], \qquad
+    \bar\chi_t = \tfrac{1}{n}\textstyle\sum_{s<n} \chi_{t-s}, \qquad
+    \hat x = \frac{x}{\sqrt{\bar\chi_t + \epsilon}}, \qquad
+    y = \mathrm{scale} \cdot r \cdot \hat x + \mathrm{bias}
+
+  with no centering (the paper drops the mean to drop one of the backward
+  statistics), ``n = min(t + 1, buffer_size)`` (the average covers the
+  batches seen so far until the buffer is full) and the renormalization
+  factor :math:`r = \mathrm{sg}(\mathrm{clip}(\sqrt{\bar\chi_t + \epsilon} /
+  \sqrt{\mathrm{var} + \epsilon}, 1/r_{max}, r_{max}))`, which is 1 during
+  the first ``renorm_warmup_steps`` training steps (the paper's warm-up; its
+  code uses 1000). ``var`` is the running EMA of :math:`\chi_t`:
+  ``var' = momentum * var + (1 - momentum) * chi_t``, starting at 1 (the
+  reference code feeds it the moving average instead), and evaluation is
+  ``y = scale * x / sqrt(var + epsilon) + bias``.
+
+  Backward: with :math:`g = \partial L / \partial \hat x` the exact gradient
+  of the (batch) formula is :math:`(g - \hat x\,\psi_t)/\sqrt{\bar\chi_t +
+  \epsilon}` with :math:`\psi_t = \mathrm{mean}(g \hat x)`. MABN replaces
+  :math:`\psi_t` by its simple moving average :math:`\bar\psi_t` over the
+  same window, the current one included (a custom VJP).
+
+  **How the backward buffer is carried.** :math:`\psi_t` exists only in the
+  backward pass, so it cannot come back in ``new_state``. It comes back as
+  the *gradient with respect to* ``state.grad_moments``: that cotangent is
+  the increment which writes :math:`\psi_t` into this step's slot of the
+  ring buffer. Differentiate the loss with respect to the state too and add
+  that gradient to ``new_state.grad_moments``, e.g. with
+  :func:`apply_mabn_grad_moments`, which does it for every MABN layer of a
+  pytree (a linen ``batch_stats`` dict, an nnx ``State``, a NamedTuple)::
+
+    (loss, new_state), (g_params, g_state) = jax.value_and_grad(
+        loss_fn, argnums=(0, 1), has_aux=True, allow_int=True)(params, state)
+    new_state = jn.apply_mabn_grad_moments(new_state, g_state)
+
+  (``allow_int`` because ``count`` is an int32 step counter.) Without that
+  step the buffer keeps its old values, which is harmless but means the
+  backward averages stale statistics. Use each state once per step: the
+  gradient of a state used twice is the sum of two increments. Under
+  ``shard_map`` a replicated state is handled (its increment is divided by
+  the number of replicas it is summed over); under ``pmap`` or a named
+  ``vmap`` pass a per-device state (``in_axes=0``).
+
+  With ``axis_name``, :math:`\chi_t` and :math:`\psi_t` are taken over every
+  device's elements, weighted by count; ``mask`` leaves elements out of both
+  statistics (they are still normalized).
+
+  Args:
+    x: input ``(N, ..., C, ...)``, floating point.
+    params: ``NormParams(scale, bias)`` of shape ``(C,)`` (either may be
+      ``None``).
+    state: :class:`MovingAverageBatchNormState`.
+    use_running_average: ``True`` for evaluation (EMA ``var``; the state
+      comes back unchanged), ``False`` for training.
+    axis: the channel axis: ``-1`` for NHWC, ``1`` for NCHW.
+    momentum: weight of the old value in the EMA ``var`` (paper: 0.98).
+    epsilon: added to the second moment inside the square root.
+    axis_name: named axis to synchronize the statistics over, or ``None``.
+    axis_index_groups: optional groups of indices along ``axis_name``.
+    mask: optional boolean array broadcastable to ``x``.
+    renorm_warmup_steps: training steps during which ``r`` is 1.
+    r_max: clip of the renormalization factor ``r`` to
+      ``[1/r_max, r_max]``.
+    dtype: output dtype (default: that of ``x``).
+
+  Returns:
+    ``(y, new_state)``; ``new_state.grad_moments`` is ``state.grad_moments``
+    (it is updated through the gradient, see above).
+
+  Raises:
+    TypeError: ``x`` not floating point, ``use_running_average`` not a bool.
+    ValueError: ``axis`` out of range, shapes of ``params``/``state`` that do
+      not match ``x``, a bad ``mask``, an unbound ``axis_name``.
+
+  References:
+    Yan, Wan, Zhang, Zhang, Wei, Sun. *Towards Stabilizing Batch Statistics
+    in Backward Propagation of Batch Normalization*. ICLR 2020.
+    arXiv:2001.06838.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> import jaxnorm as jn
+    >>> params, state = jn.moving_average_batch_norm_init(3, buffer_size=4)
+    >>> x = jax.random.normal(jax.random.key(0), (2, 5, 5, 3))
+    >>> def loss_fn(params, state):
+    ...   y, new_state = jn.moving_average_batch_norm(
+    ...       x, params, state, use_running_average=False)
+    ...   return jnp.sum(y ** 3), new_state
+    >>> grad_fn = jax.grad(loss_fn, argnums=(0, 1), has_aux=True, allow_int=True)
+    >>> (g_params, g_state), state = grad_fn(params, state)
+    >>> state = jn.apply_mabn_grad_moments(state, g_state)
+    >>> int(state.count), bool(jnp.all(state.grad_moments[0] != 0))
+    (1, True)
+    >>> y, _ = jn.moving_average_batch_norm(x, params, state,
+    ...                                     use_running_average=True)
+  """
+  x = _checks.check_input(x)
+  if not isinstance(use_running_average, bool):
+    raise TypeError(
+      "`use_running_average` must be a Python bool (it selects the code "
+      f"path at trace time), got {type(use_running_average).__name__}."
+    )
+  (c,) = _checks.canonicalize_axes(x.ndim, axis, "axis")
+  fshape = (x.shape[c],)
+  bshape = _checks.broadcast_shape(x.ndim, x.shape, (c,))
+  scale = _checks.check_param(params.scale, fshape, "params.scale")
+  bias = _checks.check_param(params.bias, fshape, "params.bias")
+  var = _checks.check_param(state.var, fshape, "state.var")
+  if jnp.ndim(state.second_moments) != 2:
+    raise ValueError(
+      "`state.second_moments` must have shape (buffer_size, C), got "
+      f"{jnp.shape(state.second_moments)}."
+    )
+  buffer_size = jnp.shape(state.second_moments)[0]
+  second_moments = _checks.check_param(
+    state.second_moments, (buffer_size, *fshape), "state.second_moments"
+  )
+  grad_moments = _checks.check_param(
+    state.grad_moments, (buffer_size, *fshape), "state.grad_moments"
+  )
+  _checks.check_param(state.count, (), "state.count")
+  mask = _checks.check_mask(mask, x.shape)
+  stats_dtype = _checks.compute_dtype(x.dtype, dtype)
+  out_dtype = x.dtype if dtype is None else jnp.dtype(dtype)
+  scale_b = None if scale is None else scale.reshape(bshape)
+  bias_b = None if bias is None else bias.reshape(bshape)
+
+  if use_running_average:
+    inv = lax.rsqrt(var.astype(stats_dtype) + epsilon).reshape(bshape)
+    y = x.astype(stats_dtype) * inv
+    if scale_b is not None:
+      y = y * scale_b.astype(stats_dtype)
+    if bias_b is not None:
+      y = y + bias_b.astype(stats_dtype)
+    return y.astype(out_dtype), state
+
+  sync = _stats.make_sync(axis_name, axis_index_groups)
+  axes = tuple(a for a in range(x.ndim) if a != c)
+  m = _stats.moments(x, axes, mask=mask, use_mean=False, sync=sync, dtype=stats_dtype)
+  chi = lax.stop_gradient(m.var.reshape(fshape).astype(jnp.float32))
+  step = state.count.astype(jnp.int32)
+  slot = step % buffer_size
+  n = jnp.minimum(step + 1, buffer_size).astype(jnp.float32)
+  index = jnp.arange(buffer_size)
+  # Entries older than the batches seen so far are not part of the average.
+  valid = ((index < n) & (index != slot)).astype(jnp.float32)[:, None]
+  new_second = second_moments.astype(jnp.float32).at[slot].set(chi)
+  chi_bar = jnp.sum(new_second * (index < n)[:, None], axis=0) / n
+  old_psi_sum = jnp.sum(grad_moments.astype(jnp.float32) * valid, axis=0)
+  inv_c = lax.rsqrt(chi_bar + epsilon)
+  r = jnp.clip(jnp.sqrt(chi_bar + epsilon) * lax.rsqrt(var + epsilon), 1 / r_max, r_max)
+  r = jnp.where(step < renorm_warmup_steps, 1.0, r)
+  inv = lax.stop_gradient(inv_c.astype(stats_dtype).reshape(bshape))
+  mul = lax.stop_gradient((inv_c * r).astype(stats_dtype).reshape(bshape))
+
+  # A replicated state under shard_map gets its cotangent summed over the
+  # devices it is replicated on; divide the (identical) increments back.
+  replicas = 1
+  missing = [
+    a for a in _stats._varying_axes(x) if a not in _stats._varying_axes(grad_moments)
+  ]
+  for a in missing:
+    replicas *= lax.axis_size(a)
+  cfg = _Config(axes, sync, stats_dtype, out_dtype, replicas)
+  y = _mabn_apply(
+    cfg,
+    x,
+    _stats._match_vma(scale_b, x),
+    _stats._match_vma(bias_b, x),
+    mask,
+    mul,
+    inv,
+    _stats._match_vma(grad_moments, x),
+    lax.stop_gradient(old_psi_sum),
+    slot,
+    n,
+  )
+  new_state = MovingAverageBatchNormState(
+    var=(momentum * var + (1.0 - momentum) * chi).astype(var.dtype),
+    second_moments=new_second.astype(second_moments.dtype),
+    grad_moments=grad_moments,
+    count=(step + 1).astype(jnp.asarray(state.count).dtype),
+  )
+  return y, new_state
+
+
+def apply_mabn_grad_moments(state: Any, state_grad: Any) -> Any:
+  """Writes MABN's backward statistics, returned as gradients, into a state.
+
+  Adds the gradient of every leaf named ``grad_moments`` (a field of
+  :class:`MovingAverageBatchNormState`, a key of a linen ``batch_stats``
+  dict or an attribute of an nnx module) to that leaf of ``state``; every
+  other leaf of ``state`` is returned as is. ``state_grad`` is the gradient
+  of the loss with respect to the state passed to
+  :func:`moving_average_batch_norm`, and ``state`` is usually the
+  ``new_state`` that call returned (same tree structure).
+
+  Args:
+    state: a pytree holding MABN states.
+    state_grad: its gradient (same structure; ``float0`` leaves for the
+      integer counters are ignored).
+
+  Returns:
+    ``state`` with every ``grad_moments`` leaf updated.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> import jaxnorm as jn
+    >>> _, state = jn.moving_average_batch_norm_init(2, buffer_size=2)
+    >>> grads = jax.tree.map(jnp.ones_like, state)
+    >>> jn.apply_mabn_grad_moments(state, grads).grad_moments
+    Array([[1., 1.],
+           [1., 1.]], dtype=float32)
+  """
+
+  def is_grad_moments(path) -> bool:
+    last = path[-1] if path else None
+    for attr in ("name", "key"):
+      if getattr(last, attr, None) == "grad_moments":
+        return True
+    # nnx states end their paths in the variable's name then `value`.
+    return any(
+      getattr(k, a, None) == "grad_moments" for k in path for a in ("name", "key")
+    )
+
+  paths_and_grads = dict(jax.tree_util.tree_flatten_with_path(state_grad)[0])
+
+  def update(path, leaf):
+    if not is_grad_moments(path) or path not in paths_and_grads:
+      return leaf
+    return leaf + paths_and_grads[path].astype(leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(update, state)
