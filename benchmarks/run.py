@@ -177,8 +177,10 @@ def _equinox(layer, shape, dtype):
   import equinox as eqx
 
   c = shape[-1]
-  mod = eqx.nn.LayerNorm(c, eps=EPS) if layer == "ln" else eqx.nn.RMSNorm(
-    c, eps=EPS, use_bias=False
+  mod = (
+    eqx.nn.LayerNorm(c, eps=EPS)
+    if layer == "ln"
+    else eqx.nn.RMSNorm(c, eps=EPS, use_bias=False)
   )
   params, static = eqx.partition(mod, eqx.is_array)
 
@@ -303,7 +305,9 @@ def _machine():
   return {
     "cpu": cpu,
     "cpu_count": os.cpu_count(),
-    "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+    "affinity": len(os.sched_getaffinity(0))
+    if hasattr(os, "sched_getaffinity")
+    else None,
     "system": platform.platform(),
   }
 
@@ -322,6 +326,7 @@ def build_rows(layer, shape_name, shape, dtype, mode, entries, device):
       "mode": mode,
       "lib": e.lib,
       "median_s": med[e.lib],
+      "min_s": min(e.times),
       "times_s": e.times,
       "compile_s": e.compile_s,
       "ratio": {o: med[e.lib] / med[o] for o in med if o != e.lib},
@@ -372,7 +377,13 @@ def markdown(rows, meta) -> str:
     if j is None:
       continue
     f = libs.get("flax", {})
-    cells = [layer, f"{sname} {tuple(j['shape'])}", dt, mode, f"{j['median_s'] * 1e3:.2f}"]
+    cells = [
+      layer,
+      f"{sname} {tuple(j['shape'])}",
+      dt,
+      mode,
+      f"{j['median_s'] * 1e3:.2f}",
+    ]
     cells += [_fmt(j["ratio"].get(p), ".2f") for p in peers]
     cells += [
       _fmt(j["residual_over_x"], ".2f"),
@@ -382,13 +393,21 @@ def markdown(rows, meta) -> str:
       f"{j['compile_s']:.2f}",
     ]
     if gpu:
-      cells.append(_fmt(None if j["bandwidth_fraction"] is None else 100 * j["bandwidth_fraction"], ".0f"))
+      cells.append(
+        _fmt(
+          None if j["bandwidth_fraction"] is None else 100 * j["bandwidth_fraction"],
+          ".0f",
+        )
+      )
     lines.append("| " + " | ".join(cells) + " |")
   s = summary(rows)
-  lines += ["", "Geometric mean of jaxnorm ÷ flax: " + ", ".join(
-    f"{m} {_fmt(v, '.3f')}" for m, v in s["geomean_vs_flax"].items()
-  ) + f"; rows slower than flax: {s['rows_slower_than_flax']} of {s['rows']}; "
-    f"max res/x: {_fmt(s['max_residual_over_x'], '.2f')}."]
+  lines += [
+    "",
+    "Geometric mean of jaxnorm ÷ flax: "
+    + ", ".join(f"{m} {_fmt(v, '.3f')}" for m, v in s["geomean_vs_flax"].items())
+    + f"; rows slower than flax: {s['rows_slower_than_flax']} of {s['rows']}; "
+    f"max res/x: {_fmt(s['max_residual_over_x'], '.2f')}.",
+  ]
   return "\n".join(lines) + "\n"
 
 
@@ -435,7 +454,9 @@ def plot(rows, path):
           ),
           None,
         )
-        vals.append(np.nan if r is None or "flax" not in r["ratio"] else r["ratio"]["flax"])
+        vals.append(
+          np.nan if r is None or "flax" not in r["ratio"] else r["ratio"]["flax"]
+        )
       ax.bar(np.arange(len(cases)) + i * width, vals, width, label=lib)
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xticks(np.arange(len(cases)) + 0.4 - width / 2)
@@ -496,23 +517,33 @@ def main(argv=None):
     "command": " ".join(sys.argv),
   }
   cases = [
-    (layer, s, dt, m) for s in shape_names for layer in layers for dt in dtypes for m in modes
+    (layer, s, dt, m)
+    for s in shape_names
+    for layer in layers
+    for dt in dtypes
+    for m in modes
   ]
   rows = []
   key = jax.random.key(0)
+  os.makedirs(args.out, exist_ok=True)
   for i, (layer, s, dt, m) in enumerate(tqdm(cases, desc="benchmark", unit="case")):
     entries = run_case(layer, table[s], dt, m, libs, reps, jax.random.fold_in(key, i))
     rows += build_rows(layer, s, table[s], dt, m, entries, device)
     del entries  # frees the compiled programs and buffers of large cases
-  os.makedirs(args.out, exist_ok=True)
-  result = {"meta": meta, "summary": summary(rows), "rows": rows}
-  with open(os.path.join(args.out, "results.json"), "w") as f:
-    json.dump(result, f, indent=1)
+    write_json(args.out, meta, rows, done=i + 1 == len(cases))  # partial results
   with open(os.path.join(args.out, "results.md"), "w") as f:
     f.write(markdown(rows, meta))
   plot(rows, os.path.join(args.out, "ratios.png"))
   print(markdown(rows, meta))
-  return result
+  return {"meta": meta, "summary": summary(rows), "rows": rows}
+
+
+def write_json(out, meta, rows, done):
+  result = {"meta": {**meta, "complete": done}, "summary": summary(rows), "rows": rows}
+  tmp = os.path.join(out, "results.json.tmp")
+  with open(tmp, "w") as f:
+    json.dump(result, f, indent=1)
+  os.replace(tmp, os.path.join(out, "results.json"))
 
 
 if __name__ == "__main__":

@@ -343,8 +343,9 @@ def _ghost_batch_norm(
   stats = jnp.stack([mean.reshape((groups,) + fshape), var.reshape((groups,) + fshape)])
   valid = None
   if mask_g is not None:
-    has = jnp.any(jnp.broadcast_to(mask_g, xg.shape), axis=axes, keepdims=True)
-    valid = has.reshape((1, groups) + (1,) * len(fshape))
+    # Per group and channel: does any element enter the statistics?
+    has = jnp.broadcast_to(jnp.any(mask_g, axis=axes, keepdims=True), mean.shape)
+    valid = has.reshape((1, groups) + fshape)
   m = _stats.moments(
     stats, (1,), mask=valid, use_mean=True, sync=sync, dtype=stats.dtype
   )

@@ -218,7 +218,9 @@ def moving_average_batch_norm(
   gradient of a state used twice is the sum of two increments. Under
   ``shard_map`` a replicated state is handled (its increment is divided by
   the number of replicas it is summed over); under ``pmap`` or a named
-  ``vmap`` pass a per-device state (``in_axes=0``).
+  ``vmap`` pass a per-device state (``in_axes=0``), and with
+  ``axis_index_groups`` a per-device state too, since groups have different
+  statistics.
 
   With ``axis_name``, :math:`\chi_t` and :math:`\psi_t` are taken over every
   device's elements, weighted by count; ``mask`` leaves elements out of both

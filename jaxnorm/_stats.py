@@ -46,7 +46,21 @@ def _sum(x, axes):
   return jnp.sum(x, axis=axes, keepdims=True)
 
 
-def _local_moments(xf, axes, mask, use_mean):
+def _float_views(x, dtype, n):
+  """``n`` copies of ``x`` in ``dtype``, each converted on its own.
+
+  A bfloat16 ``x`` converted once and summed twice is written to memory in
+  float32 and read back by each sum (XLA does not duplicate the conversion
+  into several reduction fusions); converted once per sum, it fuses into
+  each, which reads the narrow ``x``. The barrier only hides that the copies
+  are the same array; it moves no data.
+  """
+  if jnp.dtype(x.dtype) == jnp.dtype(dtype):
+    return [x] * n
+  return [c.astype(dtype) for c in lax.optimization_barrier((x,) * n)]
+
+
+def _local_moments(x, axes, mask, use_mean, dtype):
   """Count, mean and sum of squared deviations of this device's elements.
 
   Without a mask the variance is one pass over ``x`` shifted by one of its own
@@ -55,12 +69,26 @@ def _local_moments(xf, axes, mask, use_mean):
   exact to float32 rounding. With a mask the shift element could be a padded
   value far from the data, so it takes the exact two-pass route instead.
   """
+  xf = x.astype(dtype)
   if mask is None:
     n = float(math.prod(xf.shape[a] for a in axes))
     count = jnp.full((1,) * xf.ndim, n, dtype=jnp.real(xf).dtype)
     if not use_mean:
       m2 = _sum(abs_sq(xf), axes)
       return count, jnp.zeros_like(m2, dtype=xf.dtype), m2
+    if axes and axes == tuple(range(xf.ndim - len(axes), xf.ndim)):
+      # Rows of contiguous memory (layer and RMS norm): the mean, its
+      # correction and the squared deviations are three sums over the same
+      # row, which XLA fuses with the output into one pass over x (a slice of
+      # x as a shift would break that fusion). Corrected two-pass: exact to
+      # float32 rounding however large the mean.
+      xa, xb, xc = _float_views(x, dtype, 3)
+      # Converted from a narrower x, the sums are separate fusions: each needs
+      # its own broadcast mean too (in float32 XLA fuses all three as one).
+      own = _own if xf is not x else lambda v: (v,)
+      mean = _sum(xa, axes) / n
+      mean = mean + _sum(xb - own(mean)[0], axes) / n
+      return count, mean, _sum(abs_sq(xc - own(mean)[0]), axes)
     shift = lax.slice_in_dim(xf, 0, 1, axis=axes[0]) if axes else xf
     for a in axes[1:]:
       shift = lax.slice_in_dim(shift, 0, 1, axis=a)
@@ -68,8 +96,9 @@ def _local_moments(xf, axes, mask, use_mean):
     # shares it between the two sums and XLA (YNN fusions on CPU) writes the
     # shifted copy of x to memory and reads it twice; written differently,
     # each sum is its own reduction fusion that reads x directly.
-    neg_s1 = _sum(shift - xf, axes)
-    s2 = _sum(abs_sq(xf + (-shift)), axes)
+    xa, xb = _float_views(x, dtype, 2)
+    neg_s1 = _sum(shift - xa, axes)
+    s2 = _sum(abs_sq(xb + (-shift)), axes)
     m2 = jnp.maximum(s2 - jnp.real(neg_s1 * jnp.conj(neg_s1)) / n, 0.0)
     return count, shift - neg_s1 / n, m2
   # A mask that broadcasts along a reduced axis counts once per element there.
@@ -186,8 +215,7 @@ def moments(
   dtype: Any,
 ) -> Moments:
   """Mean and biased variance of ``x`` over ``axes`` (and across devices)."""
-  xf = x.astype(dtype)
-  count, mean, m2 = _local_moments(xf, axes, mask, use_mean)
+  count, mean, m2 = _local_moments(x, axes, mask, use_mean, dtype)
   count, mean, m2 = _combine(count, mean, m2, sync)
   var = m2 / jnp.maximum(count, 1.0)
   return Moments(mean, var.astype(jnp.real(mean).dtype), count)
@@ -216,6 +244,9 @@ def _forward(cfg: _Config, x, scale, bias, mask):
     x, cfg.axes, mask=mask, use_mean=cfg.use_mean, sync=cfg.sync, dtype=cfg.dtype
   )
   inv = lax.rsqrt(m.var + cfg.epsilon).astype(m.var.dtype)
+  if jnp.dtype(x.dtype) != jnp.dtype(cfg.dtype):
+    # Its own conversion of x, as the sums have theirs (see _float_views).
+    (x,) = lax.optimization_barrier((x,))
   y = _apply(x, scale, bias, m.mean, inv, cfg.out_dtype, cfg.dtype)
   return y, m, inv
 
@@ -240,18 +271,27 @@ def _reduce_to(v, shape):
   return jnp.sum(v, axis=axes, keepdims=True) if axes else v
 
 
+def _own(*small):
+  """Copies of small arrays that CSE cannot merge with the originals.
+
+  A full-size expression shared by two sums (``x - mean``, a broadcast
+  ``scale``, ``dy`` converted to float32) is written to memory and read back
+  by each, because XLA (its YNN reduction fusions on CPU) does not duplicate
+  a producer into several reductions. Giving each sum its own copy of the
+  per-row and per-channel operands makes its expression its own, so it fuses
+  into that sum, which then reads only ``x`` and ``dy``.
+  """
+  return lax.optimization_barrier(small)
+
+
 def _fused_bwd(cfg, res, cts):
   x, scale, bias, mask, mean, inv, count = res
   g, g_mean, g_var = cts
   dtype = cfg.dtype
-  gf = g.astype(dtype)
-  xf = x.astype(dtype)
+  # One float view of x and dy per sum and one for dx (see _float_views).
+  g_c1, g_c2, g_ds, g_db, gf = _float_views(g, dtype, 5)
+  x_c2, x_ds, xf = _float_views(x, dtype, 3)
   sf = None if scale is None else scale.astype(dtype)
-  # Every sum below reads x and dy directly, each through an expression of
-  # its own: a subexpression shared by two sums (x - mean, dy * scale) would
-  # be written to memory once and read back by each (XLA does not duplicate
-  # it into reduction fusions), which costs more than recomputing it.
-  #
   # Masked-out elements are normalized too, so their cotangents reach the
   # statistics: c1 and c2 sum over every element; only the correction below
   # (d stats / dx) is restricted to the elements that entered the statistics.
@@ -261,14 +301,21 @@ def _fused_bwd(cfg, res, cts):
   if per_row:
     # scale and bias are constant over the reduced axes (batch and instance
     # norm): two sums give c1, c2 and the parameter gradients at once.
-    sum_g = _sum(gf, cfg.axes)
-    sum_gx = _sum((xf - mean) * gf, cfg.axes)
+    (mean_c2,) = _own(mean)
+    sum_g = _sum(g_c1, cfg.axes)
+    sum_gx = _sum((x_c2 - mean_c2) * g_c2, cfg.axes)
     c1 = sum_g if sf is None else sum_g * sf
     c2 = sum_gx * inv if sf is None else sum_gx * (inv * sf)
   else:
-    c1 = _sum(gf if sf is None else gf * sf, cfg.axes)
-    dxc = (xf - mean) * gf if sf is None else (xf - mean) * sf * gf
-    c2 = _sum(dxc, cfg.axes) * inv
+    if sf is None:
+      c1 = _sum(g_c1, cfg.axes)
+      (mean_c2,) = _own(mean)
+      c2 = _sum((x_c2 - mean_c2) * g_c2, cfg.axes) * inv
+    else:
+      (sf_c1,) = _own(sf)
+      c1 = _sum(g_c1 * sf_c1, cfg.axes)
+      mean_c2, sf_c2 = _own(mean, sf)
+      c2 = _sum((x_c2 - mean_c2) * sf_c2 * g_c2, cfg.axes) * inv
   if cfg.use_mean:
     c1, c2, g_mean, g_var = _psum_grads((c1, c2), (g_mean, g_var), x, cfg.sync)
   else:
@@ -288,11 +335,12 @@ def _fused_bwd(cfg, res, cts):
     if per_row:
       dscale = _reduce_to(sum_gx * inv, scale.shape)
     else:
-      dscale = _reduce_to(gf * ((xf + (-mean)) * inv), scale.shape)
+      mean_ds, inv_ds = _own(mean, inv)
+      dscale = _reduce_to(g_ds * ((x_ds - mean_ds) * inv_ds), scale.shape)
     dscale = dscale.astype(scale.dtype)
   dbias = None
   if bias is not None:
-    dbias = _reduce_to(sum_g if per_row else gf, bias.shape).astype(bias.dtype)
+    dbias = _reduce_to(sum_g if per_row else g_db, bias.shape).astype(bias.dtype)
   return dx, dscale, dbias, None
 
 

@@ -449,3 +449,60 @@ def test_group_norm_with_height_sharded_over_devices():
     per_device, mesh=MESH, in_specs=P(None, "d"), out_specs=P(None, "d")
   )
   _assert_same_value_and_grads(sharded, plain, g, x)
+
+
+# ----------------------------------------------------------------------------
+# Bad input.
+
+
+def _in_pmap(**kwargs):
+  x = np.ones((D, N, C), np.float32) + np.arange(N * C, dtype=np.float32).reshape(N, C)
+  params, state = jn.batch_norm_init(C)
+
+  def f(x):
+    return jn.batch_norm(x, params, state, use_running_average=False, **kwargs)[0]
+
+  return jax.pmap(f, axis_name="d")(x)
+
+
+def test_unbound_axis_name_is_named():
+  params, state = jn.batch_norm_init(C)
+  x = jnp.ones((N, C)) + jnp.arange(N)[:, None]
+  with pytest.raises(ValueError, match="axis_name"):
+    jn.batch_norm(x, params, state, use_running_average=False, axis_name="d")
+  with pytest.raises(ValueError, match="axis_name"):
+    _in_pmap(axis_name="other")
+
+
+@pytest.mark.parametrize(
+  "groups",
+  [
+    [[0, 1, 2], [3, 4, 5, 6, 7]],  # unequal sizes
+    [[0, 1, 2, 3]],  # does not cover the axis
+    [[0, 1, 2, 3], [4, 5, 6, 6]],  # an index twice, one missing
+    [[0, 1, 2, 3], [4, 5, 6, 8]],  # out of range
+    [[0, 1, 2, 3, 4, 5, 6, 7], []],  # an empty group
+  ],
+)
+def test_bad_axis_index_groups(groups):
+  with pytest.raises(ValueError, match="axis_index_groups"):
+    _in_pmap(axis_name="d", axis_index_groups=groups)
+
+
+def test_axis_index_groups_without_axis_name():
+  params, state = jn.batch_norm_init(C)
+  with pytest.raises(ValueError, match="axis_index_groups"):
+    jn.batch_norm(
+      jnp.ones((N, C)),
+      params,
+      state,
+      use_running_average=False,
+      axis_index_groups=[[0]],
+    )
+
+
+def test_mask_of_wrong_shape():
+  with pytest.raises(ValueError, match="mask"):
+    _in_pmap(axis_name="d", mask=np.ones((N + 1, C), bool))
+  with pytest.raises(TypeError, match="mask"):
+    _in_pmap(axis_name="d", mask=np.ones((N, C), np.float32))

@@ -6,6 +6,7 @@ jaxnorm itself.
 """
 
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -119,6 +120,26 @@ def ghost_ref(x, scale, bias, rm, rv, k, momentum=0.99, mask=None):
   return y, new_m, new_v
 
 
+def _jit(f):
+  # Jitted entry points keep the test file fast (one compile per case instead
+  # of one per primitive); eager calls are tested in the transforms tests.
+  names = ("use_running_average", "axis", "axis_name", "virtual_batch_size")
+  names += ("use_tlu", "epsilon", "momentum")
+  params = inspect.signature(f).parameters
+  return jax.jit(f, static_argnames=[n for n in names if n in params])
+
+
+frn_j = _jit(jn.filter_response_norm)
+sn_j = _jit(jn.switchable_norm)
+brn_j = _jit(jn.batch_renorm)
+bn_j = _jit(jn.batch_norm)
+
+
+def _grad(f, argnums=0):
+  # Jitted: eager autodiff of shard_map and of three moments is slow.
+  return jax.jit(jax.grad(f, argnums=argnums))
+
+
 def _close(a, b, tol=1e-4):
   np.testing.assert_allclose(np.asarray(a, np.float64), b, rtol=tol, atol=tol)
 
@@ -145,11 +166,11 @@ def _frn_params(c, learned=False, seed=1):
 def test_frn_forward(learned, tlu):
   x = _rand((3, 4, 5, 6), loc=0.5, scl=2.0)
   p = _frn_params(6, learned)
-  y = jn.filter_response_norm(x, p, use_tlu=tlu)
+  y = frn_j(x, p, use_tlu=tlu)
   ref = frn_ref(x, *_f64(p.scale, p.bias, p.tau, p.eps), tlu=tlu)
   _close(y, ref)
   # NCHW
-  y1 = jn.filter_response_norm(_nchw(x), p, axis=1, use_tlu=tlu)
+  y1 = frn_j(_nchw(x), p, axis=1, use_tlu=tlu)
   _close(y1, _nchw(ref))
 
 
@@ -166,14 +187,12 @@ def test_frn_dense_input_and_mask():
   # (N, C): nu^2 = x^2, where the learned epsilon matters.
   x = _rand((5, 3))
   p = _frn_params(3, learned=True)
-  _close(
-    jn.filter_response_norm(x, p), frn_ref(x, *_f64(p.scale, p.bias, p.tau, p.eps))
-  )
+  _close(frn_j(x, p), frn_ref(x, *_f64(p.scale, p.bias, p.tau, p.eps)))
   x = _rand((2, 6, 3), seed=3)
   mask = np.ones((2, 6, 1), bool)
   mask[0, 4:] = False
   p = _frn_params(3)
-  y = jn.filter_response_norm(x, p, mask=mask)
+  y = frn_j(x, p, mask=mask)
   _close(y, frn_ref(x, *_f64(p.scale, p.bias, p.tau), mask=mask))
 
 
@@ -192,8 +211,8 @@ def test_frn_grad(learned):
   def ours(x, p):
     return jnp.sum(jn.filter_response_norm(x, p) * w)
 
-  g1 = jax.grad(ours, argnums=(0, 1))(x, p)
-  g2 = jax.grad(plain, argnums=(0, 1))(x, p)
+  g1 = _grad(ours, argnums=(0, 1))(x, p)
+  g2 = _grad(plain, argnums=(0, 1))(x, p)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), g1, g2)
 
 
@@ -250,13 +269,11 @@ def test_sn_forward_and_state(train):
   p, s = _sn_params(6)
   args = _f64(p.scale, p.bias, p.mean_weights, p.var_weights, s.mean, s.var)
   ref, rm, rv = sn_ref(x, *args, train=train)
-  y, ns = jn.switchable_norm(x, p, s, use_running_average=not train)
+  y, ns = sn_j(x, p, s, use_running_average=not train)
   _close(y, ref)
   _close(ns.mean, rm, 1e-5)
   _close(ns.var, rv, 1e-5)
-  if not train:
-    assert ns is s
-  y1, ns1 = jn.switchable_norm(_nchw(x), p, s, use_running_average=not train, axis=1)
+  y1, ns1 = sn_j(_nchw(x), p, s, use_running_average=not train, axis=1)
   _close(y1, _nchw(ref))
   _close(ns1.mean, rm, 1e-5)
 
@@ -277,7 +294,7 @@ def test_sn_mask():
   p, s = _sn_params(3)
   args = _f64(p.scale, p.bias, p.mean_weights, p.var_weights, s.mean, s.var)
   ref, rm, rv = sn_ref(x, *args, train=True, mask=mask)
-  y, ns = jn.switchable_norm(x, p, s, use_running_average=False, mask=mask)
+  y, ns = sn_j(x, p, s, use_running_average=False, mask=mask)
   _close(y, ref)
   _close(ns.var, rv, 1e-5)
   assert np.isfinite(np.asarray(y)).all()
@@ -302,8 +319,8 @@ def test_sn_grad():
   def ours(x, p):
     return jnp.sum(jn.switchable_norm(x, p, s, use_running_average=False)[0] * w)
 
-  g1 = jax.grad(ours, argnums=(0, 1))(x, p)
-  g2 = jax.grad(plain, argnums=(0, 1))(x, p)
+  g1 = _grad(ours, argnums=(0, 1))(x, p)
+  g2 = _grad(plain, argnums=(0, 1))(x, p)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=5e-5), g1, g2)
 
 
@@ -318,8 +335,9 @@ def test_sn_transforms_and_bf16():
   _close(ns.mean, rm, 1e-5)
   # vmap over an outer axis: each slice is its own batch.
   xs = np.stack([x, x * 2.0 + 1.0])
-  ys, _ = jax.vmap(f, in_axes=(0, None, None))(xs, p, s)
+  ys, _ = jax.jit(jax.vmap(f, in_axes=(0, None, None)))(xs, p, s)
   _close(ys[1], sn_ref(xs[1], *args, train=True)[0])
+  assert jn.switchable_norm(x, p, s, use_running_average=True)[1] is s
   out = jax.eval_shape(f, jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), p, s)
   assert out[0].dtype == jnp.bfloat16 and out[1].mean.dtype == jnp.float32
   yb, nsb = f(jnp.asarray(x, jnp.bfloat16), p, s)
@@ -368,13 +386,13 @@ def test_brn_forward_and_state(bounds, train):
   x = _rand((6, 3, 4), loc=0.7, scl=1.8)
   p, s = _bn_params(4)
   ref, rm, rv = brn_ref(x, *_f64(p.scale, p.bias, s.mean, s.var), *bounds, train)
-  y, ns = jn.batch_renorm(
+  y, ns = brn_j(
     x, p, s, use_running_average=not train, r_max=bounds[0], d_max=bounds[1]
   )
   _close(y, ref)
   _close(ns.mean, rm, 1e-5)
   _close(ns.var, rv, 1e-5)
-  y1, _ = jn.batch_renorm(
+  y1, _ = brn_j(
     _nchw(x), p, s, use_running_average=not train, axis=1, r_max=bounds[0],
     d_max=bounds[1],
   )  # fmt: skip
@@ -388,7 +406,7 @@ def test_brn_clipping_is_active():
   ref, _, _ = brn_ref(x, *_f64(p.scale, p.bias, s.mean, s.var), 1.5, 0.5, True)
   bn_ref, _, _ = brn_ref(x, *_f64(p.scale, p.bias, s.mean, s.var), 1.0, 0.0, True)
   assert np.abs(ref - bn_ref).max() > 0.3
-  y, _ = jn.batch_renorm(x, p, s, use_running_average=False, r_max=1.5, d_max=0.5)
+  y, _ = brn_j(x, p, s, use_running_average=False, r_max=1.5, d_max=0.5)
   _close(y, ref)
 
 
@@ -411,13 +429,13 @@ def test_brn_is_exactly_bn():
   def loss(f, x, p):
     return jnp.sum(f(x, p)[0] * x)
 
-  g_bn = jax.grad(
+  g_bn = _grad(
     lambda x, p: loss(
       lambda x, p: jn.batch_norm(x, p, s, use_running_average=False), x, p
     ),
     argnums=(0, 1),
   )(x, p)
-  g_rn = jax.grad(
+  g_rn = _grad(
     lambda x, p: loss(
       lambda x, p: jn.batch_renorm(
         x, p, s, use_running_average=False, r_max=1.0, d_max=0.0
@@ -438,9 +456,7 @@ def test_brn_mask():
   ref, rm, rv = brn_ref(
     x, *_f64(p.scale, p.bias, s.mean, s.var), 2.0, 1.0, True, mask=mask
   )
-  y, ns = jn.batch_renorm(
-    x, p, s, use_running_average=False, r_max=2.0, d_max=1.0, mask=mask
-  )
+  y, ns = brn_j(x, p, s, use_running_average=False, r_max=2.0, d_max=1.0, mask=mask)
   _close(y, ref)
   _close(ns.mean, rm, 1e-5)
   _close(ns.var, rv, 1e-5)
@@ -464,8 +480,8 @@ def test_brn_grad():
     y, _ = jn.batch_renorm(x, p, s, use_running_average=False, r_max=r_max, d_max=d_max)
     return jnp.sum(y * w)
 
-  g1 = jax.grad(ours, argnums=(0, 1))(x, p)
-  g2 = jax.grad(plain, argnums=(0, 1))(x, p)
+  g1 = _grad(ours, argnums=(0, 1))(x, p)
+  g2 = _grad(plain, argnums=(0, 1))(x, p)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=5e-5), g1, g2)
 
 
@@ -537,19 +553,19 @@ def test_ghost_forward_and_state(k):
   x = _rand((8, 3, 4), loc=0.5, scl=1.5)
   p, s = _bn_params(4)
   ref, rm, rv = ghost_ref(x, *_f64(p.scale, p.bias, s.mean, s.var), k)
-  y, ns = jn.batch_norm(x, p, s, use_running_average=False, virtual_batch_size=k)
+  y, ns = bn_j(x, p, s, use_running_average=False, virtual_batch_size=k)
   _close(y, ref)
   _close(ns.mean, rm, 1e-5)
   _close(ns.var, rv, 1e-5)
-  y1, ns1 = jn.batch_norm(
+  y1, ns1 = bn_j(
     _nchw(x), p, s, use_running_average=False, axis=1, virtual_batch_size=k
   )
   _close(y1, _nchw(ref))
   _close(ns1.var, rv, 1e-5)
   # Eval is unchanged, and k = N is plain BN.
-  ye, se = jn.batch_norm(x, p, s, use_running_average=True, virtual_batch_size=k)
+  ye, se = bn_j(x, p, s, use_running_average=True, virtual_batch_size=k)
   _close(ye, (x - _f64(s.mean)[0]) / np.sqrt(_f64(s.var)[0] + EPS) * p.scale + p.bias)
-  assert se is s
+  jax.tree.map(np.testing.assert_array_equal, se, s)
 
 
 def test_ghost_mask():
@@ -559,9 +575,7 @@ def test_ghost_mask():
   mask[2:4] = False  # the second ghost batch is fully masked
   p, s = _bn_params(2)
   ref, rm, rv = ghost_ref(x, *_f64(p.scale, p.bias, s.mean, s.var), 2, mask=mask)
-  y, ns = jn.batch_norm(
-    x, p, s, use_running_average=False, virtual_batch_size=2, mask=mask
-  )
+  y, ns = bn_j(x, p, s, use_running_average=False, virtual_batch_size=2, mask=mask)
   _close(y, ref, 1e-3)
   _close(ns.mean, rm, 1e-5)
   _close(ns.var, rv, 1e-5)
@@ -583,13 +597,15 @@ def test_ghost_grad_and_transforms():
     y, _ = jn.batch_norm(x, p, s, use_running_average=False, virtual_batch_size=2)
     return jnp.sum(y * w)
 
-  g1 = jax.jit(jax.grad(ours, argnums=(0, 1)))(x, p)
-  g2 = jax.grad(plain, argnums=(0, 1))(x, p)
+  g1 = jax.grad(ours, argnums=(0, 1))(x, p)
+  g2 = _grad(plain, argnums=(0, 1))(x, p)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=5e-5), g1, g2)
   f = functools.partial(jn.batch_norm, use_running_average=False, virtual_batch_size=3)
   ref = ghost_ref(np.asarray(x), *_f64(p.scale, p.bias, s.mean, s.var), 3)[0]
-  ys, _ = jax.vmap(f, in_axes=(0, None, None))(jnp.stack([x, x]), p, s)
+  ys, _ = jax.jit(jax.vmap(f, in_axes=(0, None, None)))(jnp.stack([x, x]), p, s)
   _close(ys[1], ref)
+  ev = jn.batch_norm(x, p, s, use_running_average=True, virtual_batch_size=3)
+  assert ev[1] is s
   out = jax.eval_shape(f, jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), p, s)
   assert out[0].dtype == jnp.bfloat16 and out[1].mean.dtype == jnp.float32
   yb, _ = f(x.astype(jnp.bfloat16), p, s)
@@ -642,8 +658,8 @@ def test_sn_sync_matches_global_batch():
   _close(ns.mean, rm, 1e-5)
   _close(ns.var, rv, 1e-5)
   w = jnp.asarray(_rand(x.shape, seed=11))
-  g_sync = jax.grad(lambda x, p: jnp.sum(_shard(f, 3)(x, p, s)[0] * w), (0, 1))(x, p)
-  g_one = jax.grad(
+  g_sync = _grad(lambda x, p: jnp.sum(_shard(f, 3)(x, p, s)[0] * w), (0, 1))(x, p)
+  g_one = _grad(
     lambda x, p: jnp.sum(jn.switchable_norm(x, p, s, use_running_average=False)[0] * w),
     (0, 1),
   )(jnp.asarray(x), p)
@@ -674,8 +690,8 @@ def test_brn_sync_matches_global_batch_with_mask():
   _close(ns.mean, rm, 1e-5)
   _close(ns.var, rv, 1e-5)
   w = jnp.asarray(_rand(x.shape, seed=12))
-  g_sync = jax.grad(lambda x, p: jnp.sum(g(x, mask, p, s)[0] * w), (0, 1))(x, p)
-  g_ref = jax.grad(
+  g_sync = _grad(lambda x, p: jnp.sum(g(x, mask, p, s)[0] * w), (0, 1))(x, p)
+  g_ref = _grad(
     lambda x, p: jnp.sum(
       jn.batch_renorm(
         x, p, s, use_running_average=False, r_max=1.5, d_max=1.0, mask=mask
@@ -711,7 +727,7 @@ def test_ghost_sync_each_device_owns_its_ghost_batches():
     )[1].mean[None],
     mesh=_mesh(), in_specs=(P("d"), P(), P()), out_specs=P("d"),
   )  # fmt: skip
-  means = np.asarray(g(x, p, s))
+  means = np.asarray(jax.jit(g)(x, p, s))
   _, rm01, _ = ghost_ref(x[:8], *_f64(p.scale, p.bias, s.mean, s.var), 2)
   _, rm23, _ = ghost_ref(x[8:], *_f64(p.scale, p.bias, s.mean, s.var), 2)
   _close(means, np.stack([rm01, rm01, rm23, rm23]), 1e-5)
@@ -761,10 +777,10 @@ def test_linen_modules():
   xc = jnp.moveaxis(x, -1, 1)
   v = brn.init(key, xc, use_running_average=False)
   assert jax.tree.map(jnp.shape, v) == {
-    "batch_stats": {"mean": (3,), "var": (3,)},
-    "params": {"bias": (3,), "scale": (3,)},
+    "batch_stats": {"mean": (2,), "var": (2,)},
+    "params": {"bias": (2,), "scale": (2,)},
   }
-  v = {**v, "batch_stats": {"mean": jnp.full(3, 0.5), "var": jnp.full(3, 2.0)}}
+  v = {**v, "batch_stats": {"mean": jnp.full(2, 0.5), "var": jnp.full(2, 2.0)}}
   y, upd = brn.apply(v, xc, use_running_average=False, mutable=["batch_stats"])
   ref, rm, _ = brn_ref(
     np.moveaxis(np.asarray(xc), 1, -1), 1.0, 0.0, 0.5, 2.0, 1.5, 0.5, True
