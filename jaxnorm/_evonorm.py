@@ -177,7 +177,7 @@ def evonorm_b0(
     >>> y.shape, state.var.shape
     ((4, 6, 6, 8), (8,))
   """
-  x = _checks.check_input(x)
+  x = _real(_checks.check_input(x))
   _check_bool(use_running_average)
   c, fshape, bshape = _channel_axis(x, axis)
   scale = _checks.check_param(params.scale, fshape, "params.scale")
@@ -214,6 +214,12 @@ def evonorm_b0(
   )
   y = _affine(xf / den, _b(scale, bshape), _b(bias, bshape), cdtype)
   return y.astype(out_dtype), new_state
+
+
+def _real(x: jax.Array) -> jax.Array:
+  if jnp.iscomplexobj(x):
+    raise TypeError(f"`x` must be real floating point, got dtype {x.dtype}.")
+  return x
 
 
 def _b(p, bshape):
@@ -281,7 +287,7 @@ def evonorm_s0(
     >>> jn.evonorm_s0(x, jn.evonorm_s0_init(8), num_groups=2).shape
     (2, 3, 3, 8)
   """
-  x = _checks.check_input(x)
+  x = _real(_checks.check_input(x))
   c, fshape, bshape = _channel_axis(x, axis)
   channels = x.shape[c]
   groups = resolve_groups(channels, num_groups, group_size)

@@ -84,6 +84,12 @@ def moving_average_batch_norm_init(
   return params, state
 
 
+def _real(x: jax.Array, name: str) -> jax.Array:
+  if jnp.iscomplexobj(x):
+    raise TypeError(f"`{name}` must be real floating point, got dtype {x.dtype}.")
+  return x
+
+
 class _Config(NamedTuple):
   axes: tuple[int, ...]
   sync: Any
@@ -275,7 +281,7 @@ def moving_average_batch_norm(
     >>> y, _ = jn.moving_average_batch_norm(x, params, state,
     ...                                     use_running_average=True)
   """
-  x = _checks.check_input(x)
+  x = _real(_checks.check_input(x), "x")
   if not isinstance(use_running_average, bool):
     raise TypeError(
       "`use_running_average` must be a Python bool (it selects the code "

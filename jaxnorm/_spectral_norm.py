@@ -24,6 +24,8 @@ class SpectralNormState(NamedTuple):
 
 
 def _matrix(w: jax.Array) -> jax.Array:
+  if jnp.iscomplexobj(w):
+    raise TypeError(f"`w` must be real floating point, got dtype {w.dtype}.")
   if w.ndim < 2:
     raise ValueError(
       f"`w` must have at least 2 dimensions (its matrix view flattens every "

@@ -76,12 +76,13 @@ def _local_moments(x, axes, mask, use_mean, dtype):
     if not use_mean:
       m2 = _sum(abs_sq(xf), axes)
       return count, jnp.zeros_like(m2, dtype=xf.dtype), m2
-    if axes and axes == tuple(range(xf.ndim - len(axes), xf.ndim)):
-      # Rows of contiguous memory (layer and RMS norm): the mean, its
-      # correction and the squared deviations are three sums over the same
-      # row, which XLA fuses with the output into one pass over x (a slice of
-      # x as a shift would break that fusion). Corrected two-pass: exact to
-      # float32 rounding however large the mean.
+    first = min(axes, default=0)
+    if first > 0 and sorted(axes) == list(range(first, first + len(axes))):
+      # Per-sample blocks of contiguous memory (layer norm, instance norm):
+      # the mean, its correction and the squared deviations are three sums
+      # over the same block, which XLA fuses with the output into one pass
+      # over x (a slice of x as a shift would break that fusion). Corrected
+      # two-pass: exact to float32 rounding however large the mean.
       xa, xb, xc = _float_views(x, dtype, 3)
       # Converted from a narrower x, the sums are separate fusions: each needs
       # its own broadcast mean too (in float32 XLA fuses all three as one).

@@ -179,7 +179,6 @@ def switchable_norm(
   bn_axes = tuple(a for a in range(x.ndim) if a not in faxes)
   in_axes = tuple(a for a in bn_axes if a != 0)
   ln_axes = tuple(range(1, x.ndim))
-  sync = _stats.make_sync(axis_name, axis_index_groups)
   local = _stats.make_sync(None, None)
 
   def stats(axes, s):
@@ -192,7 +191,7 @@ def switchable_norm(
     new_state = state
   else:
     check_batch_size(x.shape, bn_axes, axis_name, axis_index_groups, mask)
-    m_bn = stats(bn_axes, sync)
+    m_bn = stats(bn_axes, _stats.make_sync(axis_name, axis_index_groups))
     mu_bn, var_bn = m_bn.mean, m_bn.var
     new_state = BatchNormState(
       mean=_ema(mean_state, mu_bn.reshape(fshape), momentum),

@@ -23,6 +23,12 @@ def _axes(v: jax.Array, feature_axes: Axes) -> tuple[tuple[int, ...], tuple[int,
   return faxes, tuple(a for a in range(v.ndim) if a not in faxes)
 
 
+def _real(v: jax.Array) -> jax.Array:
+  if jnp.iscomplexobj(v):
+    raise TypeError(f"`v` must be real floating point, got dtype {v.dtype}.")
+  return v
+
+
 def weight_norm_init(v: ArrayLike, *, feature_axes: Axes = -1) -> jax.Array:
   """The ``scale`` that makes :func:`weight_norm` return ``v`` itself.
 
@@ -48,7 +54,7 @@ def weight_norm_init(v: ArrayLike, *, feature_axes: Axes = -1) -> jax.Array:
     >>> jn.weight_norm_init(jnp.array([[3.0, 0.0], [4.0, 1.0]]))
     Array([5., 1.], dtype=float32)
   """
-  v = _checks.check_input(v, "v")
+  v = _real(_checks.check_input(v, "v"))
   faxes, raxes = _axes(v, feature_axes)
   vf = v.astype(jnp.promote_types(v.dtype, jnp.float32))
   norm = jnp.sqrt(jnp.sum(jnp.square(vf), axis=raxes, keepdims=True))
@@ -103,7 +109,7 @@ def weight_norm(
     >>> bool(jnp.allclose(w, v, atol=1e-6))
     True
   """
-  v = _checks.check_input(v, "v")
+  v = _real(_checks.check_input(v, "v"))
   faxes, raxes = _axes(v, feature_axes)
   cdtype = jnp.promote_types(v.dtype, jnp.float32)
   vf = v.astype(cdtype)

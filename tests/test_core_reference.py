@@ -5,13 +5,10 @@ with ``jax.grad`` of the plain textbook formula in float64 ``jnp`` (never
 with jaxnorm itself).
 """
 
-import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 import jaxnorm as jn
 
@@ -277,8 +274,8 @@ def jnp_norm(x, axes, eps, mask=None, use_mean=True):
 def _grad_check(f_lib, f_ref, args, tol=1e-9):
   """Compares gradients of a scalar loss w.r.t. every argument, in float64."""
   argnums = tuple(range(len(args)))
-  g_lib = jax.grad(f_lib, argnums)(*args)
-  g_ref = jax.grad(f_ref, argnums)(*args)
+  g_lib = jax.jit(jax.grad(f_lib, argnums))(*args)
+  g_ref = jax.jit(jax.grad(f_ref, argnums))(*args)
   for a, b in zip(g_lib, g_ref, strict=True):
     assert a.shape == b.shape
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tol, atol=tol)
@@ -457,50 +454,3 @@ def test_float32_gradients_close_to_float64_formula():
 
     g64 = np.asarray(jax.grad(ref)(jnp.asarray(x32, jnp.float64)))
   np.testing.assert_allclose(np.asarray(g32), g64, rtol=1e-3, atol=1e-4)
-
-
-# ----------------------------------------------------------------------------
-# a small property test over random shapes and axes
-# ----------------------------------------------------------------------------
-
-
-@settings(
-  max_examples=8,
-  deadline=None,
-  suppress_health_check=[HealthCheck.too_slow],
-  derandomize=True,
-)
-@given(
-  shape=hnp.array_shapes(min_dims=2, max_dims=4, min_side=2, max_side=5),
-  data=st.data(),
-)
-def test_property_batch_and_layer_norm_match_numpy(shape, data):
-  ndim = len(shape)
-  x = data.draw(
-    hnp.arrays(
-      np.float32,
-      shape,
-      elements=st.floats(-100, 100, width=32, allow_subnormal=False),
-    )
-  )
-  axis = data.draw(st.integers(-ndim, ndim - 1))
-  red = tuple(a for a in range(ndim) if a != axis % ndim)
-  # the data may be constant along a reduction: a large epsilon keeps the
-  # comparison well conditioned without hiding a wrong formula
-  eps = 1.0
-  p, s = jn.batch_norm_init(shape[axis])
-  y, new = jn.batch_norm(
-    x, p, s, use_running_average=False, axis=axis, epsilon=eps, momentum=0.0
-  )
-  close(y, np_norm(x, red, eps), tol=1e-4)
-  close(new.var, np_moments(x, red)[1].reshape(-1), tol=1e-3)
-
-  raxes = tuple(sorted(set(data.draw(st.lists(st.integers(0, ndim - 1), min_size=1)))))
-  y = jn.layer_norm(
-    x,
-    jn.layer_norm_init(shape[-1]),
-    reduction_axes=raxes,
-    feature_axes=-1,
-    epsilon=eps,
-  )
-  close(y, np_norm(x, raxes, eps), tol=1e-4)

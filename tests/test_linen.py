@@ -281,6 +281,24 @@ def test_batch_norm_axis_name_matches_flax_under_named_vmap():
   jax.tree.map(lambda a, b: _close(a, b, F32), uj, uf)
 
 
+def test_batch_norm_axis_index_groups_matches_flax_under_pmap():
+  x = _data((4, 6, 3))  # 4 devices in 2 groups, each with a different shard
+  variables = _perturb(_init(nn.BatchNorm(), x[0], True))
+  groups = [[0, 1], [2, 3]]
+
+  def run(module):
+    return jax.pmap(
+      lambda xs: module.apply(variables, xs, False, mutable=["batch_stats"]),
+      axis_name="batch",
+      devices=jax.devices()[:4],
+    )(x)
+
+  yf, uf = run(nn.BatchNorm(axis_name="batch", axis_index_groups=groups))
+  yj, uj = run(jnn.BatchNorm(axis_name="batch", axis_index_groups=groups))
+  _close(yj, yf, F32)
+  jax.tree.map(lambda a, b: _close(a, b, F32), uj, uf)
+
+
 def test_virtual_batch_size_is_passed_to_the_core():
   # Ghost BN: each group of 4 samples is normalized by its own statistics.
   x = _data((8, 3))

@@ -719,6 +719,19 @@ def test_ghost_sync_each_device_owns_its_ghost_batches():
   _close(y, ref)
   _close(ns.mean, rm, 1e-5)
   _close(ns.var, rv, 1e-5)
+  # Gradients: those of the plain per-group formula on the global batch.
+  w = jnp.asarray(_rand(x.shape, seed=13))
+
+  def plain(x, p):
+    xg = x.reshape(8, 2, 3, 2)
+    mu = xg.mean((1, 2), keepdims=True)
+    var = ((xg - mu) ** 2).mean((1, 2), keepdims=True)
+    y = ((xg - mu) / jnp.sqrt(var + EPS)).reshape(x.shape) * p.scale + p.bias
+    return jnp.sum(y * w)
+
+  g_sync = _grad(lambda x, p: jnp.sum(_shard(f, 3)(x, p, s)[0] * w), (0, 1))(x, p)
+  g_ref = _grad(plain, (0, 1))(jnp.asarray(x), p)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), g_sync, g_ref)
   # With groups of devices, each group averages its own ghost batches.
   g = jax.shard_map(
     lambda x, p, s: jn.batch_norm(
@@ -859,3 +872,11 @@ def test_linen_batchnorm_virtual_batch_size():
   _close(y, ref)
   _close(upd["batch_stats"]["mean"], rm, 1e-5)
   assert isinstance(bn, nn.Module)
+
+
+def test_nnx_batchnorm_virtual_batch_size():
+  x = _rand((8, 3), loc=1.0)
+  bn = jnnx.BatchNorm(3, virtual_batch_size=2, rngs=nnx.Rngs(0))
+  ref, rm, rv = ghost_ref(x, 1.0, 0.0, 0.0, 1.0, 2)
+  _close(bn(x), ref)
+  _close(bn.var[...], rv, 1e-5)

@@ -203,6 +203,10 @@ def test_mabn_bad_inputs():
     jn.moving_average_batch_norm(x, params, state, use_running_average=1)
   with pytest.raises(ValueError, match="buffer_size"):
     jn.moving_average_batch_norm_init(3, buffer_size=0)
+  with pytest.raises(TypeError, match="real"):
+    jn.moving_average_batch_norm(
+      x.astype(jnp.complex64), params, state, use_running_average=False
+    )
   with pytest.raises(ValueError, match="mask"):
     jn.moving_average_batch_norm(
       x, params, state, use_running_average=False, mask=jnp.ones((5,), bool)
@@ -253,6 +257,36 @@ def test_mabn_sync_shard_map_equals_single_device():
   for a, b in zip(s1, s2, strict=True):
     _close(a, np.asarray(b), 1e-5)
   assert np.all(np.asarray(s1.grad_moments) != 0)
+
+
+def test_mabn_sync_pmap_per_device_state():
+  """pmap with a per-device state: each device's grads and buffers are global."""
+  c = 2
+  params, state = jn.moving_average_batch_norm_init(c, buffer_size=2)
+  x = jnp.asarray(RNG.normal(size=(4, 2, 3, c)) * np.arange(1, 5)[:, None, None, None])
+  x = x.astype(jnp.float32)
+  g = jnp.asarray(RNG.normal(size=(4, 2, 3, c)), jnp.float32)
+
+  def step(params, state, x, g):
+    def loss(params, state, x):
+      y, ns = jn.moving_average_batch_norm(
+        x, params, state, use_running_average=False, axis_name="i"
+      )
+      return jnp.sum(y * g), ns
+
+    grads, ns = jax.grad(loss, (0, 1, 2), has_aux=True, allow_int=True)(
+      params, state, x
+    )
+    return jn.apply_mabn_grad_moments(ns, grads[1]), grads[2]
+
+  states = jax.tree.map(lambda a: jnp.stack([a] * 4), state)
+  new, dx = jax.pmap(step, axis_name="i", in_axes=(None, 0, 0, 0))(params, states, x, g)
+  _, ref_state, ref_grads = _mabn_step(
+    params, state, x.reshape(8, 3, c), g.reshape(8, 3, c)
+  )
+  _close(dx.reshape(8, 3, c), np.asarray(ref_grads[2]), 1e-4)
+  for a, b in zip(new, ref_state, strict=True):
+    _close(a, np.broadcast_to(np.asarray(b), a.shape), 1e-5)
 
 
 def test_mabn_modules():
@@ -494,6 +528,8 @@ def test_evonorm_transforms_bf16_and_errors():
     jn.evonorm_b0(x, params, state, use_running_average=False, axis=0)
   with pytest.raises(TypeError, match="`x`"):
     jn.evonorm_b0(jnp.ones((2, c), int), params, state, use_running_average=True)
+  with pytest.raises(TypeError, match="real"):
+    jn.evonorm_s0(x.astype(jnp.complex64), s0, num_groups=2)
   with pytest.raises(ValueError, match="state.var"):
     jn.evonorm_b0(x, params, jn.EvoNormB0State(jnp.ones(3)), use_running_average=True)
 
@@ -602,9 +638,9 @@ def test_weight_norm_nnx_matches_flax():
   def plain(v, s):
     return jnp.sum((x @ (s * v / jnp.sqrt(jnp.sum(v**2, 0))) + b) ** 2)
 
-  gv, gs = jax.grad(plain, (0, 1))(v, ours.scales["kernel"][...])
+  gv, gs = jax.grad(plain, (0, 1))(v, ours.scales[("kernel",)][...])
   _close(grads["layer_instance"]["kernel"][...], np.asarray(gv), 1e-4)
-  _close(grads["scales"]["kernel"][...], np.asarray(gs), 1e-4)
+  _close(grads["scales"][("kernel",)][...], np.asarray(gs), 1e-4)
   lin = nnx.Linear(3, 5, rngs=nnx.Rngs(2))
   y0 = lin(x)
   fp = jnx.WeightNorm(lin, init_from_weights=True, rngs=nnx.Rngs(0))
@@ -673,6 +709,8 @@ def test_spectral_norm_gradient_transforms_errors():
     jn.spectral_norm(jnp.ones(4), jn.SpectralNormState(jnp.ones(4)))
   with pytest.raises(ValueError, match="state.u"):
     jn.spectral_norm(w, jn.SpectralNormState(jnp.ones(3)))
+  with pytest.raises(TypeError, match="real"):
+    jn.spectral_norm(w.astype(jnp.complex64), state)
   with pytest.raises(ValueError, match="n_steps"):
     jn.spectral_norm(w, state, n_steps=0)
   with pytest.raises(TypeError, match="update_stats"):
@@ -709,17 +747,19 @@ def test_spectral_norm_nnx_matches_flax():
   ours = jnx.SpectralNorm(
     nnx.Linear(3, 5, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1), n_warmup=0
   )
-  ours.batch_stats["kernel/u"][...] = ref.batch_stats[("kernel", "u")][...]
+  shapes = jax.tree.map(jnp.shape, nnx.state(ours))
+  assert shapes == jax.tree.map(jnp.shape, nnx.state(ref))
+  ours.batch_stats[("kernel", "u")][...] = ref.batch_stats[("kernel", "u")][...]
   kernel = np.asarray(ours.layer_instance.kernel[...])
   _close(ours(x), np.asarray(ref(x)), 1e-5)
   _close(
-    ours.batch_stats["kernel/u"][...],
+    ours.batch_stats[("kernel", "u")][...],
     np.asarray(ref.batch_stats[("kernel", "u")][...]),
     1e-5,
   )
   # The stored kernel is unchanged; eval mode does not update u.
   _close(ours.layer_instance.kernel[...], kernel)
   ours.eval()
-  u = np.asarray(ours.batch_stats["kernel/u"][...])
+  u = np.asarray(ours.batch_stats[("kernel", "u")][...])
   ours(x)
-  _close(ours.batch_stats["kernel/u"][...], u)
+  _close(ours.batch_stats[("kernel", "u")][...], u)

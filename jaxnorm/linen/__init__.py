@@ -22,16 +22,16 @@ from jaxnorm.linen._zoo_b import WeightNorm as WeightNorm
 
 __all__ = [
   "BatchNorm",
+  "BatchRenorm",
+  "EvoNormB0",
+  "EvoNormS0",
+  "FilterResponseNorm",
   "GroupNorm",
   "InstanceNorm",
   "LayerNorm",
-  "RMSNorm",
-  "BatchRenorm",
-  "FilterResponseNorm",
-  "SwitchableNorm",
-  "EvoNormB0",
-  "EvoNormS0",
   "MovingAverageBatchNorm",
+  "RMSNorm",
   "SpectralNorm",
+  "SwitchableNorm",
   "WeightNorm",
 ]

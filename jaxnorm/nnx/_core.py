@@ -81,7 +81,9 @@ class BatchNorm(nnx.Module):
   ``momentum=0.9`` here). ``use_fast_variance`` is accepted for
   compatibility and ignored: the variance is always jaxnorm's stable
   one-pass shifted formula. A training call with a single value per channel
-  raises ``ValueError``.
+  raises ``ValueError`` (flax returns ``bias``): nnx modules start in
+  training mode, so call ``model.eval()`` before a shape check such as
+  ``model(jnp.ones((1, 784)))``.
 
   Args:
     num_features: the number of channels ``C``.

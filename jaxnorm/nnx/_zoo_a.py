@@ -20,6 +20,8 @@ from flax.linen import dtypes as flax_dtypes
 from jax.nn import initializers
 
 import jaxnorm as jn
+from jaxnorm.linen._core import _as_inexact
+from jaxnorm.nnx._core import _value
 
 Axes = int | Sequence[int]
 Dtype = Any
@@ -35,17 +37,11 @@ def _param(init: Initializer, use: bool, rngs: nnx.Rngs, shape, dtype):
   return nnx.Param(init(rngs.params(), shape, dtype))
 
 
-def _value(v):
-  return None if v is None else v[...]
-
-
 def _inputs(x, dtype, *params):
   """Flax's output dtype, and ``x`` as an inexact array of a usable dtype."""
   x = jnp.asarray(x)
   out_dtype = flax_dtypes.canonicalize_dtype(x, *params, dtype=dtype)
-  if not jnp.issubdtype(x.dtype, jnp.inexact):
-    x = x.astype(out_dtype)
-  return x, out_dtype
+  return _as_inexact(x, out_dtype), out_dtype
 
 
 def _use_running_average(call_value, own_value, name):

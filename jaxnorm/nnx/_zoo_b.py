@@ -410,8 +410,9 @@ class EvoNormS0(nnx.Module):
     )
 
 
-def _key(path) -> str:
-  return "/".join(str(k) for k in path)
+def _key(path) -> tuple:
+  """Keys of ``scales`` / ``batch_stats``: the parameter's path, as flax."""
+  return tuple(path)
 
 
 def _wrapped_params(module: nnx.Module, predicate=None):
@@ -457,7 +458,8 @@ class WeightNorm(nnx.Module):
   :func:`jaxnorm.weight_norm` of it; the stored weight is the direction
   ``v`` and is left unchanged (flax's nnx version overwrites it with the
   normalized value at every call). The lengths are trainable ``nnx.Param``
-  in ``self.scales``, keyed by the parameter's path (``"kernel"``).
+  in ``self.scales``, keyed by the parameter's path (``("kernel",)``), as
+  in flax (where they are plain arrays).
 
   ``init_from_weights`` chooses the initialization: ``False`` (flax's) uses
   ``scale_init`` (ones); ``True`` starts at ``||v||``
@@ -552,8 +554,9 @@ class SpectralNorm(_Stateful):
   :func:`jaxnorm.spectral_norm` (matrix view: every axis but the last
   flattened). The power-iteration vectors ``u`` ``(1, out)`` and the last
   ``sigma`` are ``nnx.BatchStat`` in ``self.batch_stats``, keyed
-  ``"kernel/u"`` and ``"kernel/sigma"``. ``update_stats`` (constructor or
-  call; ``model.train()``/``model.eval()`` switch it) stores new values.
+  ``("kernel", "u")`` and ``("kernel", "sigma")`` as in flax.
+  ``update_stats`` (constructor or call; ``model.train()``/``model.eval()``
+  switch it) stores new values.
 
   Args:
     layer_instance: the layer to wrap.
@@ -601,8 +604,8 @@ class SpectralNorm(_Stateful):
     stats = {}
     for path, param in self._targets():
       state = jn.spectral_norm_init(param[...], rngs.params(), n_warmup=n_warmup)
-      stats[_key(path) + "/u"] = nnx.BatchStat(state.u[None].astype(param_dtype))
-      stats[_key(path) + "/sigma"] = nnx.BatchStat(jnp.ones((), param_dtype))
+      stats[_key(path) + ("u",)] = nnx.BatchStat(state.u[None].astype(param_dtype))
+      stats[_key(path) + ("sigma",)] = nnx.BatchStat(jnp.ones((), param_dtype))
     self.batch_stats = nnx.data(stats)
 
   def _targets(self):
@@ -632,8 +635,8 @@ class SpectralNorm(_Stateful):
       update_stats = not self.use_running_average
     pairs = []
     for path, param in self._targets():
-      u_var = self.batch_stats[_key(path) + "/u"]
-      sigma_var = self.batch_stats[_key(path) + "/sigma"]
+      u_var = self.batch_stats[_key(path) + ("u",)]
+      sigma_var = self.batch_stats[_key(path) + ("sigma",)]
       w, new_state, sigma = _spectral_norm_with_sigma(
         param[...],
         SpectralNormState(u_var[...][0]),

@@ -1,0 +1,163 @@
+"""The benchmark suite and ``jaxnorm.benchmark``: outputs, not timings."""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import jaxnorm as jn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN = os.path.join(ROOT, "benchmarks", "run.py")
+
+
+def _load_run():
+  if "bench_run" in sys.modules:
+    return sys.modules["bench_run"]
+  spec = importlib.util.spec_from_file_location("bench_run", RUN)
+  mod = importlib.util.module_from_spec(spec)
+  sys.modules["bench_run"] = mod  # dataclasses look their module up here
+  spec.loader.exec_module(mod)
+  return mod
+
+
+@pytest.mark.slow
+def test_quick_run_writes_json_markdown_and_png(tmp_path):
+  out = tmp_path / "bench"
+  proc = subprocess.run(
+    [sys.executable, RUN, "--quick", "--dtypes", "float32", "--out", str(out)],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    cwd=ROOT,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+
+  result = json.loads((out / "results.json").read_text())
+  meta, rows = result["meta"], result["rows"]
+  assert meta["complete"] and meta["quick"]
+  assert "xla_flags" in meta and meta["versions"]["jax"] == jax.__version__
+  layers = {"bn", "ln", "rms", "gn", "in"}
+  jrows = [r for r in rows if r["lib"] == "jaxnorm"]
+  # 5 layers x 2 quick shapes x 1 dtype x 2 modes.
+  assert len(jrows) == 20
+  assert {r["layer"] for r in jrows} == layers
+  assert {r["mode"] for r in jrows} == {"fwd", "fwd+bwd"}
+  for r in rows:
+    assert len(r["times_s"]) >= 3 and r["median_s"] > 0 and r["compile_s"] > 0
+    assert r["median_s"] == sorted(r["times_s"])[len(r["times_s"]) // 2]
+    if r["mode"] == "fwd+bwd":
+      assert r["residual_over_x"] > 0
+    else:
+      assert r["residual_over_x"] is None
+  for r in jrows:
+    assert set(r["ratio"]) >= {"flax", "haiku"}
+    f = next(
+      q
+      for q in rows
+      if q["lib"] == "flax"
+      and (q["layer"], q["shape_name"], q["mode"])
+      == (r["layer"], r["shape_name"], r["mode"])
+    )
+    assert math.isclose(r["ratio"]["flax"], r["median_s"] / f["median_s"])
+  # The equinox and jax.nn peers appear only where they apply.
+  assert {r["layer"] for r in rows if r["lib"] == "equinox"} == {"ln", "rms"}
+  assert {r["layer"] for r in rows if r["lib"] == "jax.nn"} == {"bn", "ln", "in"}
+
+  md = (out / "results.md").read_text()
+  table = [ln for ln in md.splitlines() if ln.startswith("| ")]
+  assert len(table) == 1 + 20  # header + one row per case
+  assert "÷flax" in table[0] and "res/x" in table[0]
+  assert all(ln.count("|") == table[0].count("|") for ln in table)
+  assert "Geometric mean" in md
+
+  png = (out / "ratios.png").read_bytes()
+  assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+
+
+def test_compulsory_bytes_and_peak_bandwidth():
+  run = _load_run()
+  shape, nx = (4, 8), 4 * 8 * 4
+  assert run.compulsory_bytes("ln", "fwd", shape, jnp.float32) == 2 * nx
+  assert run.compulsory_bytes("ln", "fwd+bwd", shape, jnp.float32) == 3 * nx
+  assert run.compulsory_bytes("bn", "fwd+bwd", shape, jnp.float32) == 4 * nx
+  assert run.compulsory_bytes("bn", "fwd", shape, jnp.bfloat16) == nx
+  assert run.peak_bandwidth("NVIDIA H100 80GB HBM3") == 3.35e12
+  assert run.peak_bandwidth("NVIDIA H100 PCIe") == 2.0e12
+  assert run.peak_bandwidth("NVIDIA H200") == 4.8e12
+  assert run.peak_bandwidth("NVIDIA A100-SXM4-80GB") == 2.039e12
+  assert run.peak_bandwidth("cpu") is None
+
+
+def test_gpu_bandwidth_column():
+  """The GPU path: achieved compulsory bandwidth over the device's peak."""
+  run = _load_run()
+  shape = (1000, 1000)  # 4 MB in float32
+  entries = [
+    run.Entry("jaxnorm", None, (), 0.1, 8e6, None, times=[1e-3, 2e-3, 3e-3]),
+    run.Entry("flax", None, (), 0.1, 8e6, None, times=[4e-3] * 3),
+  ]
+  device = {"platform": "gpu", "device_kind": "NVIDIA H100", "peak_bandwidth_Bps": 4e9}
+  rows = run.build_rows("ln", "t", shape, jnp.float32, "fwd", entries, device)
+  j = rows[0]
+  # 8 MB compulsory in 2 ms is 4 GB/s: all of the (made-up) 4 GB/s peak.
+  assert math.isclose(j["bandwidth_fraction"], 1.0)
+  assert math.isclose(j["ratio"]["flax"], 0.5)
+  assert math.isclose(j["bytes_accessed_over_compulsory"], 1.0)
+  meta = {
+    "device": device,
+    "machine": {"cpu": "x", "affinity": 1},
+    "versions": {"jax": jax.__version__},
+    "xla_flags": "",
+    "reps": 3,
+  }
+  md = run.markdown(rows, meta)
+  assert "% peak BW" in md and "| 100 |" in md
+
+
+def test_benchmark_forward():
+  x = jnp.ones((4, 16))
+  r = jn.benchmark(jn.layer_norm, x, jn.layer_norm_init(16), reps=3)
+  assert isinstance(r, jn.BenchmarkResult)
+  assert r.mode == "fwd" and len(r.times_s) == 3
+  assert r.median_s == sorted(r.times_s)[1]
+  assert r.compile_s > 0 and r.residual_bytes is None
+
+
+def test_benchmark_forward_backward_residuals():
+  """jaxnorm keeps x and per-row statistics; flax's autodiff keeps more."""
+  x = jax.random.normal(jax.random.key(0), (64, 32))
+  params = jn.layer_norm_init(32)
+  r = jn.benchmark(jn.layer_norm, x, params, mode="fwd+bwd", reps=2)
+  assert r.mode == "fwd+bwd" and len(r.times_s) == 2
+  # x, the mean and inverse std per row, the parameters and the count.
+  small = 2 * 64 * 4 + 2 * 32 * 4 + 4
+  assert x.nbytes <= r.residual_bytes <= x.nbytes + small
+  # Batch norm returns (y, state): the first element is what is timed.
+  p, s = jn.batch_norm_init(32)
+  bn = jn.benchmark(
+    lambda x, p: jn.batch_norm(x, p, s, use_running_average=False),
+    x,
+    p,
+    mode="fwd+bwd",
+    reps=1,
+    argnums=(0,),
+  )
+  assert bn.residual_bytes <= 1.1 * x.nbytes
+
+
+def test_benchmark_bad_arguments():
+  x = jnp.ones((2, 4))
+  p = jn.layer_norm_init(4)
+  with pytest.raises(ValueError, match="mode"):
+    jn.benchmark(jn.layer_norm, x, p, mode="backward")
+  with pytest.raises(ValueError, match="reps"):
+    jn.benchmark(jn.layer_norm, x, p, reps=0)
+  with pytest.raises(ValueError, match="args"):
+    jn.benchmark(jn.layer_norm)
