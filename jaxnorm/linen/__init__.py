@@ -11,6 +11,8 @@ from jaxnorm.linen._core import GroupNorm as GroupNorm
 from jaxnorm.linen._core import InstanceNorm as InstanceNorm
 from jaxnorm.linen._core import LayerNorm as LayerNorm
 from jaxnorm.linen._core import RMSNorm as RMSNorm
+from jaxnorm.linen._factory import NORM_NAMES as NORM_NAMES
+from jaxnorm.linen._factory import make_norm as make_norm
 from jaxnorm.linen._zoo_a import BatchRenorm as BatchRenorm
 from jaxnorm.linen._zoo_a import FilterResponseNorm as FilterResponseNorm
 from jaxnorm.linen._zoo_a import SwitchableNorm as SwitchableNorm
@@ -30,8 +32,10 @@ __all__ = [
   "InstanceNorm",
   "LayerNorm",
   "MovingAverageBatchNorm",
+  "NORM_NAMES",
   "RMSNorm",
   "SpectralNorm",
   "SwitchableNorm",
   "WeightNorm",
+  "make_norm",
 ]

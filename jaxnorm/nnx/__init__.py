@@ -11,6 +11,8 @@ from jaxnorm.nnx._core import GroupNorm as GroupNorm
 from jaxnorm.nnx._core import InstanceNorm as InstanceNorm
 from jaxnorm.nnx._core import LayerNorm as LayerNorm
 from jaxnorm.nnx._core import RMSNorm as RMSNorm
+from jaxnorm.nnx._factory import NORM_NAMES as NORM_NAMES
+from jaxnorm.nnx._factory import make_norm as make_norm
 from jaxnorm.nnx._zoo_a import BatchRenorm as BatchRenorm
 from jaxnorm.nnx._zoo_a import FilterResponseNorm as FilterResponseNorm
 from jaxnorm.nnx._zoo_a import SwitchableNorm as SwitchableNorm
@@ -32,8 +34,10 @@ __all__ = [
   "InstanceNorm",
   "LayerNorm",
   "MovingAverageBatchNorm",
+  "NORM_NAMES",
   "RMSNorm",
   "SpectralNorm",
   "SwitchableNorm",
   "WeightNorm",
+  "make_norm",
 ]
