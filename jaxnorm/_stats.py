@@ -116,13 +116,14 @@ def _local_moments(x, axes, mask, use_mean, dtype):
 
 
 def _group_weights(sync: _Sync) -> jax.Array:
-  """Row ``i``: which devices are in device ``i``'s group (1.0) or not (0.0)."""
-  member = [[0.0] * sync.axis_size for _ in range(sync.axis_size)]
-  for g in sync.groups:
+  """Which devices are in this device's group (1.0) or not (0.0), shape (n,)."""
+  group_of = [0] * sync.axis_size
+  for k, g in enumerate(sync.groups):
     for i in g:
-      for j in g:
-        member[i][j] = 1.0
-  return jnp.asarray(member, jnp.float32)[lax.axis_index(sync.axis_name)]
+      group_of[i] = k
+  group_of = jnp.asarray(group_of, jnp.int32)
+  mine = group_of[lax.axis_index(sync.axis_name)]
+  return (group_of == mine).astype(jnp.float32)
 
 
 def _all_gather_by_psum(parts: jax.Array, sync: _Sync) -> jax.Array:
@@ -183,10 +184,12 @@ def _psum_grads(sums, cotangents, x, sync: _Sync) -> tuple[jax.Array, ...]:
   ``shard_map`` the returned statistics are invariant (no groups) and their
   cotangent is already the total: summing it would count it once per device.
   """
+  names = sync.axis_name if isinstance(sync.axis_name, tuple) else (sync.axis_name,)
+  x_axes = _varying_axes(x)
   total = tuple(
     sync.axis_name is not None
-    and sync.axis_name in _varying_axes(x)
-    and sync.axis_name not in _varying_axes(c)
+    and all(a in x_axes for a in names)
+    and not any(a in _varying_axes(c) for a in names)
     for c in cotangents
   )
   to_sum = list(sums) + [c for c, t in zip(cotangents, total, strict=True) if not t]

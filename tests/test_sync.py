@@ -189,23 +189,23 @@ def run_vmap(data, groups):
 MESH = Mesh(np.array(jax.devices()), ("d",))
 
 
-def run_shard_map(data, groups, state_spec="stacked"):
+def run_shard_map(data, groups, state_spec="stacked", mesh=MESH, axis="d"):
   """``state_spec="replicated"`` returns the state with ``out_specs=P()``."""
   x, mask, g, scale, bias, w_mean, w_var = data
   replicated = state_spec == "replicated"
 
   def per_device(x, mask, g, scale, bias):
-    y, state = _bn(x, mask, scale, bias, "d", groups)
+    y, state = _bn(x, mask, scale, bias, axis, groups)
     if not replicated:
       state = jax.tree.map(lambda v: v[None], state)
     return y, state
 
-  spec = P("d")
+  spec = P(axis)
   mask_spec = None if mask is None else spec
   state_out = P() if replicated else spec
   sharded = jax.shard_map(
     per_device,
-    mesh=MESH,
+    mesh=mesh,
     in_specs=(spec, mask_spec, spec, P(), P()),
     out_specs=(spec, state_out),
   )
@@ -319,6 +319,15 @@ def test_shard_map_replicated_state_is_not_counted_per_device():
   """With ``out_specs=P()`` the state's cotangent is the total, not one per device."""
   data = make_data("uneven_batch", seed=2)
   check(run_shard_map(data, None, state_spec="replicated"), data, None)
+
+
+def test_shard_map_over_two_mesh_axes():
+  """``axis_name=("a", "b")`` syncs over both axes of a 2 x 4 mesh."""
+  mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("a", "b"))
+  data = make_data("elements", seed=3)
+  for state_spec in ("stacked", "replicated"):
+    got = run_shard_map(data, None, state_spec, mesh=mesh, axis=("a", "b"))
+    check(got, data, None)
 
 
 def test_differs_from_unsynced_batch_norm():
