@@ -60,7 +60,7 @@ def _float_views(x, dtype, n):
   return [c.astype(dtype) for c in lax.optimization_barrier((x,) * n)]
 
 
-def _local_moments(x, axes, mask, use_mean, dtype):
+def _local_moments(x, axes, mask, use_mean, dtype, separate=True):
   """Count, mean and sum of squared deviations of this device's elements.
 
   Without a mask the variance is one pass over ``x`` shifted by one of its own
@@ -77,19 +77,35 @@ def _local_moments(x, axes, mask, use_mean, dtype):
       m2 = _sum(abs_sq(xf), axes)
       return count, jnp.zeros_like(m2, dtype=xf.dtype), m2
     first = min(axes, default=0)
-    if first > 0 and sorted(axes) == list(range(first, first + len(axes))):
-      # Per-sample blocks of contiguous memory (layer norm, instance norm):
-      # the mean, its correction and the squared deviations are three sums
-      # over the same block, which XLA fuses with the output into one pass
-      # over x (a slice of x as a shift would break that fusion). Corrected
-      # two-pass: exact to float32 rounding however large the mean.
-      xa, xb, xc = _float_views(x, dtype, 3)
-      # Converted from a narrower x, the sums are separate fusions: each needs
-      # its own broadcast mean too (in float32 XLA fuses all three as one).
-      own = _own if xf is not x else lambda v: (v,)
-      mean = _sum(xa, axes) / n
-      mean = mean + _sum(xb - own(mean)[0], axes) / n
-      return count, mean, _sum(abs_sq(xc - own(mean)[0]), axes)
+    if first > 0:
+      # Per-sample statistics (layer, instance, group norm). Over the run of
+      # consecutive axes from the first reduced one, a block of contiguous
+      # memory, the mean, its correction and the squared deviations are
+      # three sums over the same block, which XLA fuses with the output into
+      # one pass over x (a slice of x as a shift would break that fusion).
+      # Corrected two-pass: exact to float32 rounding however large the mean.
+      block = (first,)
+      while block[-1] + 1 in axes:
+        block += (block[-1] + 1,)
+      rest = tuple(a for a in axes if a not in block)
+      n_block = float(math.prod(xf.shape[a] for a in block))
+      # Converted from a narrower x and reused by a backward pass, or over
+      # inner axes, the sums are separate fusions: each needs its own
+      # conversion and broadcast mean. Over trailing axes in a forward pass
+      # only (or in float32), XLA fuses all three, and the output, as one.
+      separate = xf is not x and (separate or block[-1] != xf.ndim - 1)
+      xa, xb, xc = _float_views(x, dtype, 3) if separate else (xf, xf, xf)
+      own = _own if separate else lambda v: (v,)
+      mean = _sum(xa, block) / n_block
+      mean = mean + _sum(xb - own(mean)[0], block) / n_block
+      m2 = _sum(abs_sq(xc - own(mean)[0]), block)
+      if rest:
+        # Group norm's channels within a group: the blocks have equal counts,
+        # so Chan et al.'s merge is exact and runs on per-channel arrays.
+        block_mean = mean
+        mean = _sum(block_mean, rest) / (n / n_block)
+        m2 = _sum(m2, rest) + n_block * _sum(abs_sq(block_mean - mean), rest)
+      return count, mean, m2
     shift = lax.slice_in_dim(xf, 0, 1, axis=axes[0]) if axes else xf
     for a in axes[1:]:
       shift = lax.slice_in_dim(shift, 0, 1, axis=a)
@@ -217,9 +233,14 @@ def moments(
   use_mean: bool,
   sync: _Sync,
   dtype: Any,
+  separate: bool = True,
 ) -> Moments:
-  """Mean and biased variance of ``x`` over ``axes`` (and across devices)."""
-  count, mean, m2 = _local_moments(x, axes, mask, use_mean, dtype)
+  """Mean and biased variance of ``x`` over ``axes`` (and across devices).
+
+  ``separate=False`` lets XLA share one conversion of a narrow ``x`` between
+  the sums: faster when nothing else (a backward pass) reads ``x``.
+  """
+  count, mean, m2 = _local_moments(x, axes, mask, use_mean, dtype, separate)
   count, mean, m2 = _combine(count, mean, m2, sync)
   var = m2 / jnp.maximum(count, 1.0)
   return Moments(mean, var.astype(jnp.real(mean).dtype), count)
@@ -243,12 +264,18 @@ def _apply(x, scale, bias, mean, inv, out_dtype, dtype):
   return y.astype(out_dtype)
 
 
-def _forward(cfg: _Config, x, scale, bias, mask):
+def _forward(cfg: _Config, x, scale, bias, mask, separate=True):
   m = moments(
-    x, cfg.axes, mask=mask, use_mean=cfg.use_mean, sync=cfg.sync, dtype=cfg.dtype
+    x,
+    cfg.axes,
+    mask=mask,
+    use_mean=cfg.use_mean,
+    sync=cfg.sync,
+    dtype=cfg.dtype,
+    separate=separate,
   )
   inv = lax.rsqrt(m.var + cfg.epsilon).astype(m.var.dtype)
-  if jnp.dtype(x.dtype) != jnp.dtype(cfg.dtype):
+  if separate and jnp.dtype(x.dtype) != jnp.dtype(cfg.dtype):
     # Its own conversion of x, as the sums have theirs (see _float_views).
     (x,) = lax.optimization_barrier((x,))
   y = _apply(x, scale, bias, m.mean, inv, cfg.out_dtype, cfg.dtype)
@@ -257,7 +284,7 @@ def _forward(cfg: _Config, x, scale, bias, mask):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _fused(cfg, x, scale, bias, mask):
-  y, m, _ = _forward(cfg, x, scale, bias, mask)
+  y, m, _ = _forward(cfg, x, scale, bias, mask, separate=False)
   return y, m.mean, m.var
 
 
@@ -299,17 +326,24 @@ def _fused_bwd(cfg, res, cts):
   # Masked-out elements are normalized too, so their cotangents reach the
   # statistics: c1 and c2 sum over every element; only the correction below
   # (d stats / dx) is restricted to the elements that entered the statistics.
-  per_row = all(
-    p is None or all(p.shape[a] == 1 for a in cfg.axes) for p in (scale, bias)
+  # Reduced axes along which scale and bias are constant: all of them in
+  # batch and instance norm, the spatial ones in group norm, none in layer
+  # norm. Summed over those first, two sums over x and dy give c1, c2 and the
+  # parameter gradients at once; the rest runs on per-channel arrays.
+  const_axes = tuple(
+    a for a in cfg.axes if all(p is None or p.shape[a] == 1 for p in (scale, bias))
   )
+  per_row = bool(const_axes)
   if per_row:
-    # scale and bias are constant over the reduced axes (batch and instance
-    # norm): two sums give c1, c2 and the parameter gradients at once.
     (mean_c2,) = _own(mean)
-    sum_g = _sum(g_c1, cfg.axes)
-    sum_gx = _sum((x_c2 - mean_c2) * g_c2, cfg.axes)
+    sum_g = _sum(g_c1, const_axes)
+    sum_gx = _sum((x_c2 - mean_c2) * g_c2, const_axes)
     c1 = sum_g if sf is None else sum_g * sf
-    c2 = sum_gx * inv if sf is None else sum_gx * (inv * sf)
+    c2 = sum_gx if sf is None else sum_gx * sf
+    var_axes = tuple(a for a in cfg.axes if a not in const_axes)
+    if var_axes:
+      c1, c2 = _sum(c1, var_axes), _sum(c2, var_axes)
+    c2 = c2 * inv
   else:
     if sf is None:
       c1 = _sum(g_c1, cfg.axes)

@@ -161,3 +161,57 @@ def test_benchmark_bad_arguments():
     jn.benchmark(jn.layer_norm, x, p, reps=0)
   with pytest.raises(ValueError, match="args"):
     jn.benchmark(jn.layer_norm)
+
+
+def _load_sync_bn():
+  path = os.path.join(ROOT, "benchmarks", "sync_bn.py")
+  spec = importlib.util.spec_from_file_location("bench_sync_bn", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def test_sync_bn_counts_collectives_in_hlo_text():
+  sync_bn = _load_sync_bn()
+  hlo = "\n".join(
+    [
+      "  %a = f32[8,3,32]{2,1,0} all-reduce(%x), channel_id=1, to_apply=%add",
+      "  %b = (f32[32]{0}, f32[]) all-reduce(%y, %z), channel_id=2, to_apply=%add",
+      "  %c = f32[64]{0} all-gather-start(%w), dimensions={0}",
+      "  %d = f32[64]{0} all-gather-done(%c)",
+      "  %e = f32[32]{0} add(%a, %b)",
+    ]
+  )
+  assert sync_bn.collectives(hlo) == {"all-reduce": 2, "all-gather": 1}
+  assert sync_bn.all_reduce_bytes(hlo) == (8 * 3 * 32 + 32 + 1) * 4
+
+
+@pytest.mark.slow
+def test_sync_bn_script_runs(tmp_path):
+  proc = subprocess.run(
+    [
+      sys.executable,
+      os.path.join(ROOT, "benchmarks", "sync_bn.py"),
+      "--shape",
+      "16,4,4,8",
+      "--reps",
+      "2",
+      "--out",
+      str(tmp_path),
+    ],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    cwd=ROOT,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads((tmp_path / "sync_bn.json").read_text())
+  assert result["meta"]["devices"] == 8
+  # jaxnorm's update equals flax's: both compute exact global statistics.
+  assert result["meta"]["max_abs_diff_jaxnorm_vs_flax"] < 1e-5
+  by_lib = {r["lib"]: r for r in result["rows"]}
+  assert set(by_lib) == {"jaxnorm", "flax"}
+  for r in by_lib.values():
+    assert r["collectives"].get("all-reduce", 0) >= 1
+    assert len(r["times_s"]) == 2
+  assert "all-reduces per step" in (tmp_path / "sync_bn.md").read_text()
