@@ -63,11 +63,14 @@ def _float_views(x, dtype, n):
 def _local_moments(x, axes, mask, use_mean, dtype, separate=True):
   """Count, mean and sum of squared deviations of this device's elements.
 
-  Without a mask the variance is one pass over ``x`` shifted by one of its own
-  elements: the shift removes the cancellation of ``E[x^2] - E[x]^2`` (x =
-  1e4 + N(0, 1) loses every digit in float32 otherwise) and keeps the mean
-  exact to float32 rounding. With a mask the shift element could be a padded
-  value far from the data, so it takes the exact two-pass route instead.
+  Without a mask, statistics per sample (axis 0 not reduced) use a corrected
+  two-pass over each contiguous block, and others (batch norm) one pass over
+  ``x`` shifted by one of its own elements. Both avoid the cancellation of
+  ``E[x^2] - E[x]^2`` (x = 1e4 + N(0, 1) loses every digit in float32
+  otherwise) and keep the mean exact to float32 rounding. With a mask the
+  shift element could be a padded value far from the data, so it takes the
+  exact two-pass route instead. ``separate=False`` (a forward pass that no
+  backward pass follows) lets XLA share one conversion of a narrow ``x``.
   """
   xf = x.astype(dtype)
   if mask is None:
