@@ -34,6 +34,21 @@ def _as_inexact(x: Any, out_dtype: Any) -> jax.Array:
   return x
 
 
+def _affine_params(module: nn.Module, shape: tuple[int, ...]) -> tuple[Any, Any]:
+  """Creates flax's ``params/scale`` and ``params/bias`` (or ``None``), in order."""
+  scale = (
+    module.param("scale", module.scale_init, shape, module.param_dtype)
+    if module.use_scale
+    else None
+  )
+  bias = (
+    module.param("bias", module.bias_init, shape, module.param_dtype)
+    if module.use_bias
+    else None
+  )
+  return scale, bias
+
+
 def _out_dtype(x: Any, *params: Any, dtype: Dtype | None) -> Any:
   """Flax's output dtype: ``dtype`` or the promotion of ``x`` and the params."""
   return flax_dtypes.canonicalize_dtype(x, *params, dtype=dtype)
@@ -176,16 +191,7 @@ class BatchNorm(nn.Module):
     ra_var = self.variable(
       "batch_stats", "var", lambda s: jnp.ones(s, stats_dtype), feature_shape
     )
-    scale = (
-      self.param("scale", self.scale_init, feature_shape, self.param_dtype)
-      if self.use_scale
-      else None
-    )
-    bias = (
-      self.param("bias", self.bias_init, feature_shape, self.param_dtype)
-      if self.use_bias
-      else None
-    )
+    scale, bias = _affine_params(self, feature_shape)
     out_dtype = _out_dtype(x, scale, bias, dtype=self.dtype)
     x = _as_inexact(x, out_dtype)
 
@@ -291,16 +297,7 @@ class LayerNorm(nn.Module):
     """
     x = jnp.asarray(x)
     feature_shape = _feature_shape(x, self.feature_axes, "feature_axes")
-    scale = (
-      self.param("scale", self.scale_init, feature_shape, self.param_dtype)
-      if self.use_scale
-      else None
-    )
-    bias = (
-      self.param("bias", self.bias_init, feature_shape, self.param_dtype)
-      if self.use_bias
-      else None
-    )
+    scale, bias = _affine_params(self, feature_shape)
     out_dtype = _out_dtype(x, scale, bias, dtype=self.dtype)
     return jn.layer_norm(
       _as_inexact(x, out_dtype),
@@ -476,16 +473,7 @@ class GroupNorm(nn.Module):
     """
     x = jnp.asarray(x)
     feature_shape = _feature_shape(x, self.axis, "axis")
-    scale = (
-      self.param("scale", self.scale_init, feature_shape, self.param_dtype)
-      if self.use_scale
-      else None
-    )
-    bias = (
-      self.param("bias", self.bias_init, feature_shape, self.param_dtype)
-      if self.use_bias
-      else None
-    )
+    scale, bias = _affine_params(self, feature_shape)
     out_dtype = _out_dtype(x, scale, bias, dtype=self.dtype)
     return jn.group_norm(
       _as_inexact(x, out_dtype),
@@ -571,16 +559,7 @@ class InstanceNorm(nn.Module):
         "instance norm."
       )
     feature_shape = tuple(x.shape[a] for a in feature_axes)
-    scale = (
-      self.param("scale", self.scale_init, feature_shape, self.param_dtype)
-      if self.use_scale
-      else None
-    )
-    bias = (
-      self.param("bias", self.bias_init, feature_shape, self.param_dtype)
-      if self.use_bias
-      else None
-    )
+    scale, bias = _affine_params(self, feature_shape)
     out_dtype = _out_dtype(x, scale, bias, dtype=self.dtype)
     return jn.instance_norm(
       _as_inexact(x, out_dtype),

@@ -19,7 +19,7 @@ from jax.nn import initializers
 
 import jaxnorm as jn
 from jaxnorm import _checks
-from jaxnorm.linen._core import _as_inexact, _out_dtype, _reduced_size
+from jaxnorm.linen._core import _affine_params, _as_inexact, _out_dtype, _reduced_size
 
 Axes = int | Sequence[int]
 Dtype = Any
@@ -135,16 +135,7 @@ class _RunningStatsNorm(nn.Module):
     var = self.variable(
       "batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), fshape
     )
-    scale = (
-      self.param("scale", self.scale_init, fshape, self.param_dtype)
-      if self.use_scale
-      else None
-    )
-    bias = (
-      self.param("bias", self.bias_init, fshape, self.param_dtype)
-      if self.use_bias
-      else None
-    )
+    scale, bias = _affine_params(self, fshape)
     initializing = self.is_initializing()
     if initializing and _reduced_size(x.shape, axes) <= 1:
       # init only needs shapes and discards the statistics (as flax does).

@@ -20,7 +20,7 @@ from jax.nn import initializers
 import jaxnorm as jn
 from jaxnorm import _checks
 from jaxnorm._spectral_norm import SpectralNormState, _spectral_norm_with_sigma
-from jaxnorm.linen._core import _as_inexact, _out_dtype
+from jaxnorm.linen._core import _affine_params, _as_inexact, _out_dtype
 
 Dtype = Any
 Initializer = Any
@@ -133,16 +133,7 @@ class MovingAverageBatchNorm(nn.Module):
       name: self.variable("batch_stats", name, lambda v=v: v)
       for name, v in init_state._asdict().items()
     }
-    scale = (
-      self.param("scale", self.scale_init, fshape, self.param_dtype)
-      if self.use_scale
-      else None
-    )
-    bias = (
-      self.param("bias", self.bias_init, fshape, self.param_dtype)
-      if self.use_bias
-      else None
-    )
+    scale, bias = _affine_params(self, fshape)
     out_dtype = _out_dtype(x, scale, bias, dtype=self.dtype)
     x = _as_inexact(x, out_dtype)
     y, new_state = jn.moving_average_batch_norm(
