@@ -60,17 +60,19 @@ def _float_views(x, dtype, n):
   return [c.astype(dtype) for c in lax.optimization_barrier((x,) * n)]
 
 
-def _local_moments(x, axes, mask, use_mean, dtype, separate=True):
+def _local_moments(x, axes, mask, use_mean, dtype, separate=True, guard=False):
   """Count, mean and sum of squared deviations of this device's elements.
 
-  Without a mask, statistics per sample (axis 0 not reduced) use a corrected
-  two-pass over each contiguous block, and others (batch norm) one pass over
-  ``x`` shifted by one of its own elements. Both avoid the cancellation of
+  Without a mask, statistics per sample (axis 0 not reduced) use a two-pass
+  over each contiguous block, and others (batch norm) one pass over ``x``
+  shifted by one of its own elements. Both avoid the cancellation of
   ``E[x^2] - E[x]^2`` (x = 1e4 + N(0, 1) loses every digit in float32
-  otherwise) and keep the mean exact to float32 rounding. With a mask the
-  shift element could be a padded value far from the data, so it takes the
-  exact two-pass route instead. ``separate=False`` (a forward pass that no
-  backward pass follows) lets XLA share one conversion of a narrow ``x``.
+  otherwise). With a mask the shift element could be a padded value far from
+  the data, so it takes the exact two-pass route instead. ``separate=False``
+  (a forward pass that no backward pass follows) lets XLA share one
+  conversion of a narrow ``x``. ``guard=True`` (the fused layers, never
+  differentiated by autodiff) takes the plain sums where they are accurate:
+  see :func:`_guarded`.
   """
   xf = x.astype(dtype)
   if mask is None:
@@ -83,25 +85,38 @@ def _local_moments(x, axes, mask, use_mean, dtype, separate=True):
     if first > 0:
       # Per-sample statistics (layer, instance, group norm). Over the run of
       # consecutive axes from the first reduced one, a block of contiguous
-      # memory, the mean, its correction and the squared deviations are
-      # three sums over the same block, which XLA fuses with the output into
-      # one pass over x (a slice of x as a shift would break that fusion).
-      # Corrected two-pass: exact to float32 rounding however large the mean.
+      # memory, the mean and the squared deviations from it are two sums over
+      # the same block, which XLA fuses with the output into one pass over x
+      # (a slice of x as a shift would break that fusion). Two-pass: the
+      # variance is that of x about a mean off by float32's rounding d, so
+      # its error is (d / std)^2, far below float32's resolution however
+      # large the mean is; the mean itself is as exact as float32's sum (a
+      # correction sum would make it exact, but costs a third pass over
+      # every row, about 30% of the layer's time on a CPU).
       block = (first,)
       while block[-1] + 1 in axes:
         block += (block[-1] + 1,)
       rest = tuple(a for a in axes if a not in block)
       n_block = float(math.prod(xf.shape[a] for a in block))
-      # Converted from a narrower x and reused by a backward pass, or over
-      # inner axes, the sums are separate fusions: each needs its own
-      # conversion and broadcast mean. Over trailing axes in a forward pass
-      # only (or in float32), XLA fuses all three, and the output, as one.
-      separate = xf is not x and (separate or block[-1] != xf.ndim - 1)
-      xa, xb, xc = _float_views(x, dtype, 3) if separate else (xf, xf, xf)
-      own = _own if separate else lambda v: (v,)
-      mean = _sum(xa, block) / n_block
-      mean = mean + _sum(xb - own(mean)[0], block) / n_block
-      m2 = _sum(abs_sq(xc - own(mean)[0]), block)
+      # Over inner axes, or converted from a narrower x and reused by a
+      # backward pass, the sums are separate fusions: each needs its own
+      # conversion and its own copy of the mean, or XLA writes the shared
+      # x - mean (or float32 x) to memory for the output to read back. Over
+      # trailing axes in a forward pass only (or in float32), XLA fuses both
+      # sums and the output as one.
+      inner = block[-1] != xf.ndim - 1
+      separate = inner or (xf is not x and separate)
+
+      def two_pass(x):
+        xa, xc = _float_views(x, dtype, 2) if separate else (x.astype(dtype),) * 2
+        own = _own if separate else lambda v: (v,)
+        mean = _sum(xa, block) / n_block
+        return mean, _sum(abs_sq(xc - own(mean)[0]), block)
+
+      if guard and inner and not jnp.iscomplexobj(xf):
+        mean, m2 = _guarded(x, block, dtype, two_pass)
+      else:
+        mean, m2 = two_pass(x)
       if rest:
         # Group norm's channels within a group: the blocks have equal counts,
         # so Chan et al.'s merge is exact and runs on per-channel arrays.
@@ -109,18 +124,27 @@ def _local_moments(x, axes, mask, use_mean, dtype, separate=True):
         mean = _sum(block_mean, rest) / (n / n_block)
         m2 = _sum(m2, rest) + n_block * _sum(abs_sq(block_mean - mean), rest)
       return count, mean, m2
-    shift = lax.slice_in_dim(xf, 0, 1, axis=axes[0]) if axes else xf
-    for a in axes[1:]:
-      shift = lax.slice_in_dim(shift, 0, 1, axis=a)
-    # x - shift is written two different ways on purpose. Written once, CSE
-    # shares it between the two sums and XLA (YNN fusions on CPU) writes the
-    # shifted copy of x to memory and reads it twice; written differently,
-    # each sum is its own reduction fusion that reads x directly.
-    xa, xb = _float_views(x, dtype, 2)
-    neg_s1 = _sum(shift - xa, axes)
-    s2 = _sum(abs_sq(xb + (-shift)), axes)
-    m2 = jnp.maximum(s2 - jnp.real(neg_s1 * jnp.conj(neg_s1)) / n, 0.0)
-    return count, shift - neg_s1 / n, m2
+
+    def shifted(x):
+      xf = x.astype(dtype)
+      shift = lax.slice_in_dim(xf, 0, 1, axis=axes[0]) if axes else xf
+      for a in axes[1:]:
+        shift = lax.slice_in_dim(shift, 0, 1, axis=a)
+      # x - shift is written two different ways on purpose. Written once,
+      # CSE shares it between the two sums and XLA (YNN fusions on CPU)
+      # writes the shifted copy of x to memory and reads it twice; written
+      # differently, each sum is its own reduction fusion that reads x.
+      xa, xb = _float_views(x, dtype, 2)
+      neg_s1 = _sum(shift - xa, axes)
+      s2 = _sum(abs_sq(xb + (-shift)), axes)
+      m2 = jnp.maximum(s2 - jnp.real(neg_s1 * jnp.conj(neg_s1)) / n, 0.0)
+      return shift - neg_s1 / n, m2
+
+    if guard and not jnp.iscomplexobj(xf):
+      mean, m2 = _guarded(x, axes, dtype, shifted)
+    else:
+      mean, m2 = shifted(x)
+    return count, mean, m2
   # A mask that broadcasts along a reduced axis counts once per element there.
   repeats = math.prod(xf.shape[a] for a in axes if mask.shape[a] == 1)
   count = _sum(mask.astype(jnp.real(xf).dtype), axes) * float(repeats)
@@ -132,6 +156,59 @@ def _local_moments(x, axes, mask, use_mean, dtype, separate=True):
   mean = _sum(jnp.where(mask, xf, 0.0), axes) / safe
   m2 = _sum(jnp.where(mask, abs_sq(xf - mean), 0.0), axes)
   return count, mean, m2
+
+
+# The plain sums are kept where the squared deviations are at least this
+# fraction of the sum of squares, i.e. |mean| <= sqrt(15) std: then their
+# cancellation costs at most 4 bits, and the variance's relative error stays
+# within 16 times float32's summation error (about 1e-6 in practice).
+_GUARD = 1.0 / 16.0
+
+
+def _guarded(x, axes, dtype, exact):
+  """``(mean, m2)`` from ``sum(x)`` and ``sum(x^2)``, or ``exact(x)``.
+
+  On a CPU, a sum whose operand is x minus a broadcast statistic (a shift or
+  a mean) runs about 1.5 times slower than a plain sum of x or x^2 in XLA's
+  reduction fusions. So the plain sums come first, and the exact route runs
+  (under ``lax.cond``) only when some row has ``|mean| > sqrt(15) std``,
+  where ``E[x^2] - E[x]^2`` would lose too many digits; the variance's
+  relative error is bounded either way. Other platforms take the exact route
+  directly (their reductions take broadcasts at no cost). Under ``vmap`` the
+  condition is taken over the whole batch, so one ``cond`` remains rather
+  than both branches. Not differentiable by autodiff: only the fused layers,
+  whose custom VJP does not differentiate this, use it.
+  """
+  xa, xb = _float_views(x, dtype, 2)
+  s1 = _sum(xa, axes)
+  s2 = _sum(abs_sq(xb), axes)
+  n = float(math.prod(x.shape[a] for a in axes))
+  mean = s1 / n
+  m2 = s2 - s1 * mean
+
+  def pick(x, mean, m2, s2):
+    ok = jnp.all(m2 >= _GUARD * s2)
+    return lax.cond(ok, lambda: (mean, m2), lambda: exact(x))
+
+  pick = jax.custom_batching.custom_vmap(pick)
+
+  @pick.def_vmap
+  def _pick_batched(axis_size, in_batched, *args):
+    x, mean, m2, s2 = (
+      a if b else jnp.broadcast_to(a, (axis_size,) + a.shape)
+      for a, b in zip(args, in_batched, strict=True)
+    )
+    ok = jnp.all(m2 >= _GUARD * s2)
+    out = lax.cond(ok, lambda: (mean, m2), lambda: jax.vmap(exact)(x))
+    return out, (True, True)
+
+  def on_cpu(x, mean, m2, s2):
+    return pick(x, mean, m2, s2)
+
+  def elsewhere(x, mean, m2, s2):
+    return exact(x)
+
+  return lax.platform_dependent(x, mean, m2, s2, cpu=on_cpu, default=elsewhere)
 
 
 def _group_weights(sync: _Sync) -> jax.Array:
@@ -237,13 +314,16 @@ def moments(
   sync: _Sync,
   dtype: Any,
   separate: bool = True,
+  guard: bool = False,
 ) -> Moments:
   """Mean and biased variance of ``x`` over ``axes`` (and across devices).
 
   ``separate=False`` lets XLA share one conversion of a narrow ``x`` between
   the sums: faster when nothing else (a backward pass) reads ``x``.
+  ``guard=True`` takes the plain sums where they are accurate (see
+  :func:`_guarded`); the result is then not differentiable by autodiff.
   """
-  count, mean, m2 = _local_moments(x, axes, mask, use_mean, dtype, separate)
+  count, mean, m2 = _local_moments(x, axes, mask, use_mean, dtype, separate, guard)
   count, mean, m2 = _combine(count, mean, m2, sync)
   var = m2 / jnp.maximum(count, 1.0)
   return Moments(mean, var.astype(jnp.real(mean).dtype), count)
@@ -267,7 +347,7 @@ def _apply(x, scale, bias, mean, inv, out_dtype, dtype):
   return y.astype(out_dtype)
 
 
-def _forward(cfg: _Config, x, scale, bias, mask, separate=True):
+def _forward(cfg: _Config, x, scale, bias, mask, separate=True, guard=False):
   m = moments(
     x,
     cfg.axes,
@@ -276,6 +356,7 @@ def _forward(cfg: _Config, x, scale, bias, mask, separate=True):
     sync=cfg.sync,
     dtype=cfg.dtype,
     separate=separate,
+    guard=guard,
   )
   inv = lax.rsqrt(m.var + cfg.epsilon).astype(m.var.dtype)
   if separate and jnp.dtype(x.dtype) != jnp.dtype(cfg.dtype):
@@ -287,12 +368,12 @@ def _forward(cfg: _Config, x, scale, bias, mask, separate=True):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _fused(cfg, x, scale, bias, mask):
-  y, m, _ = _forward(cfg, x, scale, bias, mask, separate=False)
+  y, m, _ = _forward(cfg, x, scale, bias, mask, separate=False, guard=True)
   return y, m.mean, m.var
 
 
 def _fused_fwd(cfg, x, scale, bias, mask):
-  y, m, inv = _forward(cfg, x, scale, bias, mask)
+  y, m, inv = _forward(cfg, x, scale, bias, mask, guard=True)
   # Only x and per-row statistics are kept: x-hat is recomputed in the
   # backward pass, where it fuses with the rest of the gradient.
   return (y, m.mean, m.var), (x, scale, bias, mask, m.mean, inv, m.count)
