@@ -28,6 +28,7 @@ Writes ``results.json``, ``results.md`` and ``ratios.png`` to ``--out``
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import json
 import math
@@ -80,6 +81,33 @@ PEAK_BANDWIDTH = (
   ("TPU v5p", 2.765e12),
   ("TPU v4", 1.2e12),
 )
+
+
+def steady_heap() -> bool:
+  """Keeps freed buffers in the process's heap; returns whether it could.
+
+  By default glibc hands a freed buffer of more than a few MiB back to the
+  operating system, so the next call's output of that size is mapped anew
+  and page-faulted in, one 4 KiB page at a time: on a CPU that costs more
+  than the layer itself at these shapes (a 32 MiB output: 8192 faults,
+  about 5 ms), and how often it happens depends on the allocator's state,
+  not on the program being timed. One arena with no mmap and no trimming
+  makes every call reuse the memory of the last one, as a training step
+  does in steady state. glibc only; elsewhere nothing changes.
+  """
+  try:
+    libc = ctypes.CDLL("libc.so.6")
+  except OSError:
+    return False
+  m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
+  return all(
+    libc.mallopt(opt, value) == 1
+    for opt, value in (
+      (m_arena_max, 1),
+      (m_mmap_threshold, 1 << 30),
+      (m_trim_threshold, (1 << 31) - 1),
+    )
+  )
 
 
 def peak_bandwidth(device_kind: str) -> float | None:
@@ -266,8 +294,11 @@ def run_case(layer, shape, dtype, mode, libs, reps, key):
     entries.append(
       Entry(lib, compiled, args, compile_s, tb.bytes_accessed(compiled), saved)
     )
-  for _ in range(reps):
-    for e in entries:  # interleaved: load changes hit every library alike
+  for rep in range(reps):
+    # Interleaved, so that load changes hit every library alike, and in
+    # reversed order every other round, so that no library always runs
+    # first (right after another's output was freed) or last.
+    for e in entries if rep % 2 == 0 else entries[::-1]:
       e.times.append(tb.time_once(e.compiled, *e.args))
   return entries
 
@@ -352,7 +383,8 @@ def markdown(rows, meta) -> str:
     f"Device: {meta['device']['device_kind']} ({meta['device']['platform']}), "
     f"{meta['machine']['cpu']}, {meta['machine']['affinity']} cores; "
     + ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v)
-    + f"; XLA_FLAGS=`{meta['xla_flags'] or '(none)'}`; reps={meta['reps']}.",
+    + f"; XLA_FLAGS=`{meta['xla_flags'] or '(none)'}`; reps={meta['reps']}"
+    + f"; steady heap: {'yes' if meta.get('steady_heap') else 'no'}.",
     "",
     "Time: median ms of jaxnorm. `÷peer`: jaxnorm's time over the peer's "
     "(< 1 means jaxnorm is faster). `res/x`: bytes saved for the backward "
@@ -483,11 +515,19 @@ def parse_args(argv=None):
   p.add_argument("--modes", default=",".join(MODES))
   p.add_argument("--libs", default=",".join(LIBS))
   p.add_argument("--reps", type=int, default=None, help="timed runs (default 9)")
+  p.add_argument(
+    "--no-steady-heap",
+    dest="steady_heap",
+    action="store_false",
+    help="let glibc unmap freed buffers (every call then page-faults its outputs)",
+  )
   return p.parse_args(argv)
 
 
 def main(argv=None):
   args = parse_args(argv)
+  # Before XLA starts its threads and allocates: see steady_heap.
+  heap = steady_heap() if args.steady_heap else False
   from tqdm import tqdm
 
   table = QUICK_SHAPES if args.quick else SHAPES
@@ -513,6 +553,7 @@ def main(argv=None):
     "machine": _machine(),
     "versions": _versions(),
     "reps": reps,
+    "steady_heap": heap,
     "quick": args.quick,
     "command": " ".join(sys.argv),
   }

@@ -101,10 +101,12 @@ def batch_norm(
   (``use_running_average=True``) the running statistics are used and the
   state comes back unchanged.
 
-  Statistics are accumulated in at least float32 with a shifted one-pass
-  formula that does not lose digits when the mean is large; the output has
-  the dtype of ``x`` (or ``dtype``). The backward pass keeps only ``x`` and
-  per-channel statistics.
+  Statistics are accumulated in at least float32 and do not lose digits
+  when the mean is large: ``sum(x)`` and ``sum(x^2)`` where every channel's
+  ``|mean| <= sqrt(15) std`` (there ``E[x^2] - E[x]^2`` loses at most 4
+  bits), else a one-pass formula over ``x`` shifted by one of its own
+  values; the output has the dtype of ``x`` (or ``dtype``). The backward
+  pass keeps only ``x`` and per-channel statistics.
 
   With ``axis_name`` (under ``pmap``, ``shard_map`` or a named ``vmap``)
   the statistics are those of the union of every device's elements, each
