@@ -91,7 +91,7 @@ def flush_caches() -> None:
   Without it a call's time depends on what the previous call left in the
   caches: on the 2-core machine of the published table the same compiled
   layer, timed as two entries of one interleaved run, differed by up to 30%
-  at 4 ms; with it, by 3%.
+  at 4 ms; with it, by 2-6%.
   """
   if not _flush_buffer:
     _flush_buffer.append(np.zeros(_FLUSH_BYTES, np.uint8))

@@ -177,7 +177,7 @@ def _plain_moments(x, axes, dtype):
   """Mean and m2 from ``sum(x)`` and ``sum(x^2)``, and whether they are exact.
 
   On a CPU, a sum whose operand is x minus a broadcast statistic (a shift or
-  a mean) runs about 1.5 times slower than a plain sum of x or x^2 in XLA's
+  a mean) runs about 1.4 times slower than a plain sum of x or x^2 in XLA's
   reduction fusions, which batch, instance and group norm over NHWC need
   (their rows are strided, so their sums are separate fusions). So the
   fused layers take these plain sums first, and the exact route only when
