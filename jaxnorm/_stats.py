@@ -330,21 +330,18 @@ def moments(
   sync: _Sync,
   dtype: Any,
   separate: bool = True,
-  guard: bool = False,
 ) -> Moments:
   """Mean and biased variance of ``x`` over ``axes`` (and across devices).
 
   ``separate=False`` lets XLA share one conversion of a narrow ``x`` between
   the sums: faster when nothing else (a backward pass) reads ``x``.
-  ``guard=True`` takes the plain sums where they are accurate (see
-  :func:`_plain_moments`); the result is then not differentiable by autodiff.
   """
-  count, mean, m2, alt = _local_moments(x, axes, mask, use_mean, dtype, separate, guard)
-  if alt is not None:
-    ok, exact = alt
-    mean, m2 = _cond_on_cpu(
-      ok, lambda x, m, v: (m, v), lambda x, m, v: exact(x), x, mean, m2
-    )
+  count, mean, m2, _ = _local_moments(x, axes, mask, use_mean, dtype, separate)
+  return _merged(count, mean, m2, sync)
+
+
+def _merged(count, mean, m2, sync: _Sync) -> Moments:
+  """This device's moments merged across devices, as a mean and a variance."""
   count, mean, m2 = _combine(count, mean, m2, sync)
   var = m2 / jnp.maximum(count, 1.0)
   return Moments(mean, var.astype(jnp.real(mean).dtype), count)
@@ -371,9 +368,7 @@ def _apply(x, scale, bias, mean, inv, out_dtype, dtype):
 def _finish(cfg: _Config, x, scale, bias, count, mean, m2, separate):
   """The output and statistics from this device's moments: merged across
   devices, then applied."""
-  count, mean, m2 = _combine(count, mean, m2, cfg.sync)
-  var = (m2 / jnp.maximum(count, 1.0)).astype(jnp.real(mean).dtype)
-  m = Moments(mean, var, count)
+  m = _merged(count, mean, m2, cfg.sync)
   inv = lax.rsqrt(m.var + cfg.epsilon).astype(m.var.dtype)
   if separate and jnp.dtype(x.dtype) != jnp.dtype(cfg.dtype):
     # Its own conversion of x, as the sums have theirs (see _float_views).
