@@ -311,54 +311,60 @@ def _ghost_batch_norm(
       f"ghost batch of `x` of shape {x.shape}: batch statistics of a single "
       "value are meaningless."
     )
-  # (N, ...) -> (N // k, k, ...): axis 0 indexes the ghost batches and is
-  # kept, like the channel axes; the statistics of each group are then one
-  # plain reduction.
-  groups = n // k
-  xg = x.reshape((groups, k) + x.shape[1:])
-  axes = tuple(a + 1 for a in reduction_axes)
-  scale_g = None if scale_b is None else scale_b[None]
-  bias_g = None if bias_b is None else bias_b[None]
-  mask_g = None
-  if mask is not None:
-    if mask.shape[0] == n:
-      mask_g = mask.reshape((groups, k) + mask.shape[1:])
-    else:
-      mask_g = mask[None]
+  # Every sample gets the statistics of its own group of k (see
+  # _stats._segment_sum: no reshape of the batch axis, which may be sharded).
   y, mean, var = _stats.normalize_over(
-    xg,
-    axes=axes,
-    scale=scale_g,
-    bias=bias_g,
-    mask=mask_g,
+    x,
+    axes=reduction_axes,
+    scale=scale_b,
+    bias=bias_b,
+    mask=mask,
     use_mean=True,
     epsilon=epsilon,
     axis_name=None,  # Ghost batches are per device: see the docstring.
     axis_index_groups=None,
     dtype=stats_dtype,
     out_dtype=out_dtype,
+    segment=k,
   )
+  # The running state moves toward the average over groups (of every
+  # device) of each group's statistics. Every group has k samples, so that
+  # is the average over samples, leaving out groups with nothing in them.
   fshape = mean_state.shape
-  # Average the group statistics over the groups (of every device): the
-  # moments helper with the groups as the reduced axis does exactly that,
-  # count-weighted across devices, and skips fully masked groups.
-  stats = jnp.stack([mean.reshape((groups,) + fshape), var.reshape((groups,) + fshape)])
-  valid = None
-  if mask_g is not None:
-    # Per group and channel: does any element enter the statistics?
-    has = jnp.broadcast_to(jnp.any(mask_g, axis=axes, keepdims=True), mean.shape)
-    valid = has.reshape((1, groups) + fshape)
-  m = _stats.moments(
-    stats, (1,), mask=valid, use_mean=True, sync=sync, dtype=stats.dtype
+  rows = (n, math.prod(fshape))
+  if mask is None:
+    weight = jnp.ones((n, 1), stats_dtype)
+  else:
+    inner = tuple(a for a in reduction_axes if a != 0)
+    has = jnp.any(mask, axis=inner, keepdims=True) if inner else mask
+    has = jnp.broadcast_to(has, mean.shape).reshape(rows).astype(stats_dtype)
+    weight = (_stats._segment_sum(has, k) > 0).astype(stats_dtype)
+  mean, var = mean.reshape(rows), var.reshape(rows)
+  sums = jnp.stack(
+    [
+      jnp.sum(weight * mean, 0),
+      jnp.sum(weight * var, 0),
+      jnp.broadcast_to(jnp.sum(weight, 0), rows[1:]),
+    ]
   )
-  group_mean, group_var = m.mean[0, 0], m.mean[1, 0]
+  sums = _stats.psum_in_groups(sums, sync)
+  total = jnp.real(sums[2])
+  seen = total > 0
+  safe = jnp.maximum(total, 1.0)
+  group_mean, group_var = (
+    (sums[0] / safe).reshape(fshape),
+    (sums[1] / safe).reshape(fshape),
+  )
   # A device (or group of devices) with every group masked keeps its state.
-  seen = m.count[0, 0] > 0
   new_state = BatchNormState(
-    mean=jnp.where(seen, _ema(mean_state, group_mean, momentum), mean_state),
-    var=jnp.where(seen, _ema(var_state, group_var, momentum), var_state),
+    mean=jnp.where(
+      seen.reshape(fshape), _ema(mean_state, group_mean, momentum), mean_state
+    ),
+    var=jnp.where(
+      seen.reshape(fshape), _ema(var_state, group_var, momentum), var_state
+    ),
   )
-  return y.reshape(x.shape), new_state
+  return y, new_state
 
 
 def _ema(old: jax.Array, new: jax.Array, momentum: float) -> jax.Array:

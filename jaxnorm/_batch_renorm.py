@@ -237,34 +237,26 @@ def batch_renorm(
     return y, state
 
   check_batch_size(x.shape, raxes, axis_name, axis_index_groups, mask)
-  # r and d need the batch statistics before the normalization, and carry no
-  # gradient: take them from the moments helper under stop_gradient (under
-  # jit XLA shares the reduction with the one in normalize_over).
-  m = _stats.moments(
-    lax.stop_gradient(x),
-    raxes,
-    mask=mask,
-    use_mean=True,
-    sync=_stats.make_sync(axis_name, axis_index_groups),
-    dtype=stats_dtype,
-  )
-  inv_sigma = lax.rsqrt(var_run + epsilon)
-  r = jnp.sqrt(m.var + epsilon) * inv_sigma
-  r = lax.stop_gradient(jnp.clip(r, 1.0 / r_max, r_max))
-  d = (m.mean - mu_run) * inv_sigma
-  d = lax.stop_gradient(jnp.clip(d, -d_max, d_max))
-  # ((x - mu_B) / sigma_B * r + d) * scale + bias is batch norm with the
-  # affine (r * scale, d * scale + bias): the fused kernel and its
-  # memory-light backward apply as they are. With r = 1, d = 0 these are
-  # scale and bias exactly, so the result is batch norm bit for bit.
-  s = r if scale_b is None else r * scale_b.astype(stats_dtype)
-  b = d if scale_b is None else d * scale_b.astype(stats_dtype)
-  b = b if bias_b is None else b + bias_b.astype(stats_dtype)
+
+  def renorm_affine(mean, var, scale_b, bias_b, mu_run, var_run):
+    # r and d come from the batch statistics and carry no gradient.
+    # ((x - mu_B) / sigma_B * r + d) * scale + bias is batch norm with the
+    # affine (r * scale, d * scale + bias), from the same statistics (so one
+    # set of collectives). With r = 1, d = 0 it is batch norm bit for bit.
+    mean, var = lax.stop_gradient(mean), lax.stop_gradient(var)
+    inv_sigma = lax.rsqrt(var_run + epsilon)
+    r = jnp.clip(jnp.sqrt(var + epsilon) * inv_sigma, 1.0 / r_max, r_max)
+    d = jnp.clip((mean - mu_run) * inv_sigma, -d_max, d_max)
+    s = r if scale_b is None else r * scale_b.astype(stats_dtype)
+    b = d if scale_b is None else d * scale_b.astype(stats_dtype)
+    b = b if bias_b is None else b + bias_b.astype(stats_dtype)
+    return s, b
+
   y, mean, var = _stats.normalize_over(
     x,
     axes=raxes,
-    scale=s,
-    bias=b,
+    scale=scale_b,
+    bias=bias_b,
     mask=mask,
     use_mean=True,
     epsilon=epsilon,
@@ -272,6 +264,8 @@ def batch_renorm(
     axis_index_groups=axis_index_groups,
     dtype=stats_dtype,
     out_dtype=out_dtype,
+    affine=renorm_affine,
+    affine_args=(mu_run, var_run),
   )
   new_state = BatchNormState(
     mean=_ema(mean_state, mean.reshape(fshape), momentum),

@@ -131,7 +131,7 @@ def _mabn_bwd(cfg, res, g):
   parts = jnp.stack(
     jnp.broadcast_arrays(jnp.sum(dxhat_in * xhat, cfg.axes, keepdims=True), count)
   )
-  total, count = _stats._psum(parts, cfg.sync)
+  total, count = _stats.psum_in_groups(parts, cfg.sync)
   # psi_t: this batch's mean(g * x_hat), over every device's elements.
   psi = (total / jnp.maximum(count, 1.0)).reshape(old_sum.shape)
   # The paper replaces psi_t by its simple moving average over the buffer,
@@ -143,10 +143,10 @@ def _mabn_bwd(cfg, res, g):
   dx = (inv * (dxhat - corr)).astype(x.dtype)
   dscale = None
   if scale is not None:
-    dscale = _stats._reduce_to(gf * r * xhat, scale.shape).astype(scale.dtype)
+    dscale = _stats.reduce_to(gf * r * xhat, scale.shape).astype(scale.dtype)
   dbias = None
   if bias is not None:
-    dbias = _stats._reduce_to(gf, bias.shape).astype(bias.dtype)
+    dbias = _stats.reduce_to(gf, bias.shape).astype(bias.dtype)
   # The cotangent of `state.grad_moments` is the increment that writes psi_t
   # into this step's slot (see the docstring of moving_average_batch_norm).
   onehot = (jnp.arange(grad_moments.shape[0]) == slot).astype(dtype)
@@ -344,7 +344,7 @@ def moving_average_batch_norm(
   # devices it is replicated on; divide the (identical) increments back.
   replicas = 1
   missing = [
-    a for a in _stats._varying_axes(x) if a not in _stats._varying_axes(grad_moments)
+    a for a in _stats.varying_axes(x) if a not in _stats.varying_axes(grad_moments)
   ]
   for a in missing:
     replicas *= lax.axis_size(a)
@@ -352,12 +352,12 @@ def moving_average_batch_norm(
   y = _mabn_apply(
     cfg,
     x,
-    _stats._match_vma(scale_b, x),
-    _stats._match_vma(bias_b, x),
+    _stats.match_vma(scale_b, x),
+    _stats.match_vma(bias_b, x),
     mask,
     mul,
     inv,
-    _stats._match_vma(grad_moments, x),
+    _stats.match_vma(grad_moments, x),
     lax.stop_gradient(old_psi_sum),
     slot,
     n,

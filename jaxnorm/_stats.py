@@ -1,14 +1,49 @@
-"""Moments, masks and the cross-device reduction: the one place that talks to
+"""Moments, masks and the cross-device merge: the one place that talks to
 ``lax.psum``.
 
-Every layer normalizes through :func:`normalize_over`, which computes the
-statistics of ``x`` over some axes and applies them, with a custom VJP that
-keeps only ``x`` and per-row statistics for the backward pass.
+Read from top to bottom, this module answers three questions.
+
+**What the statistics are.** For ``x`` reduced over ``axes`` (one row per
+index of the kept axes), with ``count`` the number of elements that enter
+(``mask`` leaves some out):
+
+.. code-block:: text
+
+  mean = sum(x) / count
+  c    = stop_gradient(mean)
+  var  = sum(|x - c|^2) / count - |mean - c|^2
+
+The second term of ``var`` is exactly zero in value, so ``var`` is the
+two-pass variance: no cancellation however large the mean (SPEC rule 5; the
+one-pass ``E[x^2] - E[x]^2`` loses every digit of ``1e4 + N(0, 1)`` in
+float32). Its derivatives are exact to every order, because
+``E[|x - c|^2] - |E[x] - c|^2`` equals ``E[|x|^2] - |E[x]|^2`` for *every*
+constant ``c``: holding ``c`` fixed loses nothing. Holding it fixed also
+means that no derivative reduces over ``x - mean`` a second time (the
+derivative of the plain two-pass would: a second, sequential all-reduce in
+every backward pass under data parallelism).
+
+**How devices are merged.**
+
+- Under SPMD ``jax.jit`` (no ``axis_name``) the arrays are global and the
+  sums above are global sums: XLA inserts one all-reduce for ``sum(x)`` and
+  one for ``sum(|x - c|^2)``; the backward pass needs one more.
+- With ``axis_name`` (``pmap``, ``shard_map``, named ``vmap``), each device
+  takes its own ``(count, mean, m2)`` and a single ``psum`` of one-hot slots
+  gathers every device's triple; each device then merges them with Chan et
+  al.'s formula, weighted by the counts, so uneven shards and masks are
+  exact and the merge never cancels.
+
+**How derivatives flow.** By plain autodiff of the code below, so ``grad``,
+``jvp``, ``linearize``, grad of grad and ``hessian`` all work.
+:func:`normalize_over` runs under ``jax.checkpoint`` with a policy that
+saves only the per-row statistics: reverse mode keeps ``x`` and those, and
+recomputes ``x - mean`` where the gradient needs it, fused into the
+backward pass's own reductions.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Hashable
 from typing import Any, NamedTuple
@@ -16,8 +51,14 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxnorm import _checks
+
+# Per-row statistics are saved for the backward pass under this name; every
+# full-size intermediate is recomputed from ``x`` instead.
+_SAVED = "jaxnorm_stats"
+_POLICY = jax.checkpoint_policies.save_only_these_names(_SAVED)
 
 
 class Moments(NamedTuple):
@@ -28,12 +69,21 @@ class Moments(NamedTuple):
   count: jax.Array
 
 
-class _Sync(NamedTuple):
+class Sync(NamedTuple):
   """Static description of the cross-device reduction."""
 
   axis_name: Hashable | None
   axis_size: int
   groups: tuple[tuple[int, ...], ...] | None
+
+
+NO_SYNC = Sync(None, 1, None)
+
+
+def make_sync(axis_name: Hashable | None, axis_index_groups: Any) -> Sync:
+  """Checks ``axis_name`` and ``axis_index_groups`` and describes the merge."""
+  size, groups = _checks.check_axis_name(axis_name, axis_index_groups)
+  return Sync(axis_name, size, groups)
 
 
 def abs_sq(x: jax.Array) -> jax.Array:
@@ -42,192 +92,91 @@ def abs_sq(x: jax.Array) -> jax.Array:
   return lax.square(x)
 
 
-def _sum(x, axes):
-  return jnp.sum(x, axis=axes, keepdims=True)
+def _saved(v: jax.Array) -> jax.Array:
+  return checkpoint_name(v, _SAVED)
 
 
-def _float_views(x, dtype, n):
-  """``n`` copies of ``x`` in ``dtype``, each converted on its own.
+# --- 1. This device's moments --------------------------------------------
 
-  A bfloat16 ``x`` converted once and summed twice is written to memory in
-  float32 and read back by each sum (XLA does not duplicate the conversion
-  into several reduction fusions); converted once per sum, it fuses into
-  each, which reads the narrow ``x``. The barrier only hides that the copies
-  are the same array; it moves no data.
+
+def _segment_sum(v: jax.Array, k: int) -> jax.Array:
+  """Sums ``v`` over consecutive groups of ``k`` along axis 0, broadcast back.
+
+  Ghost batch norm's groups. A contraction with a 0/1 matrix rather than a
+  reshape to ``(N // k, k, ...)``: it needs no reshape of a sharded batch
+  axis (which an Explicit mesh refuses), and under SPMD ``jit`` a group that
+  spans devices costs one small all-reduce. ``HIGHEST`` keeps the float32
+  sums exact on GPUs and TPUs, whose default matmul precision is lower.
   """
-  if jnp.dtype(x.dtype) == jnp.dtype(dtype):
-    return [x] * n
-  return [c.astype(dtype) for c in lax.optimization_barrier((x,) * n)]
+  n = v.shape[0]
+  rows = lax.broadcasted_iota(jnp.int32, (n // k, n), 1) // k
+  member = (rows == lax.broadcasted_iota(jnp.int32, (n // k, n), 0)).astype(v.dtype)
+  hi = lax.Precision.HIGHEST
+  per_group = jnp.tensordot(member, v, axes=(1, 0), precision=hi)
+  return jnp.tensordot(member.T, per_group, axes=(1, 0), precision=hi)
 
 
-def _local_moments(x, axes, mask, use_mean, dtype, separate=True, guard=False):
-  """Count, mean and sum of squared deviations of this device's elements.
+def _reducer(axes: tuple[int, ...], segment: int | None):
+  """``sum(v)`` over ``axes``, keepdims; over ghost groups along axis 0 if
+  ``segment`` is set."""
 
-  Without a mask, statistics per sample (axis 0 not reduced) use a two-pass
-  over each contiguous block, and others (batch norm) one pass over ``x``
-  shifted by one of its own elements. Both avoid the cancellation of
-  ``E[x^2] - E[x]^2`` (x = 1e4 + N(0, 1) loses every digit in float32
-  otherwise). With a mask the shift element could be a padded value far from
-  the data, so it takes the exact two-pass route instead. ``separate=False``
-  (a forward pass that no backward pass follows) lets XLA share one
-  conversion of a narrow ``x``.
+  def total(v):
+    if segment is None:
+      return jnp.sum(v, axis=axes, keepdims=True)
+    inner = tuple(a for a in axes if a != 0)
+    v = jnp.sum(v, axis=inner, keepdims=True) if inner else v
+    return _segment_sum(v, segment)
 
-  Returns ``(count, mean, m2, alt)``. With ``guard=True``, where the rows are
-  strided (see :func:`_plain_moments`), ``mean`` and ``m2`` come from the
-  plain sums and ``alt = (ok, exact)``: ``ok`` says whether they are
-  accurate, ``exact(x)`` gives ``(mean, m2)`` by the exact route. Otherwise
-  ``alt`` is ``None`` and the statistics are the exact ones.
-  """
-  xf = x.astype(dtype)
+  return total
+
+
+def _count(x, axes, mask, total, segment, dtype) -> jax.Array:
+  """How many elements of each row enter the statistics, as ``dtype``."""
   if mask is None:
-    n = float(math.prod(xf.shape[a] for a in axes))
-    count = jnp.full((1,) * xf.ndim, n, dtype=jnp.real(xf).dtype)
-    if not use_mean:
-      m2 = _sum(abs_sq(xf), axes)
-      return count, jnp.zeros_like(m2, dtype=xf.dtype), m2, None
-    guard = guard and not jnp.iscomplexobj(xf)
-    first = min(axes, default=0)
-    if first > 0:
-      # Per-sample statistics (layer, instance, group norm). Over the run of
-      # consecutive axes from the first reduced one, a block of contiguous
-      # memory, the mean and the squared deviations from it are two sums over
-      # the same block, which XLA fuses with the output into one pass over x
-      # (a slice of x as a shift would break that fusion). Two-pass: the
-      # variance is that of x about a mean off by float32's rounding d, so
-      # its error is (d / std)^2, far below float32's resolution however
-      # large the mean is; the mean itself is as exact as float32's sum (a
-      # correction sum would make it exact, but costs a third pass over
-      # every row, about 30% of the layer's time on a CPU).
-      block = (first,)
-      while block[-1] + 1 in axes:
-        block += (block[-1] + 1,)
-      rest = tuple(a for a in axes if a not in block)
-      n_block = float(math.prod(xf.shape[a] for a in block))
-      # Over inner axes, or converted from a narrower x and reused by a
-      # backward pass, the sums are separate fusions: each needs its own
-      # conversion and its own copy of the mean, or XLA writes the shared
-      # x - mean (or float32 x) to memory for the output to read back. Over
-      # trailing axes in a forward pass only (or in float32), XLA fuses both
-      # sums and the output as one.
-      inner = block[-1] != xf.ndim - 1
-      separate = inner or (xf is not x and separate)
-
-      def merge(mean, m2):
-        if not rest:
-          return mean, m2
-        # Group norm's channels within a group: the blocks have equal counts,
-        # so Chan et al.'s merge is exact and runs on per-channel arrays.
-        block_mean = mean
-        mean = _sum(block_mean, rest) / (n / n_block)
-        m2 = _sum(m2, rest) + n_block * _sum(abs_sq(block_mean - mean), rest)
-        return mean, m2
-
-      def two_pass(x):
-        xa, xc = _float_views(x, dtype, 2) if separate else (x.astype(dtype),) * 2
-        own = _own if separate else lambda v: (v,)
-        mean = _sum(xa, block) / n_block
-        return merge(mean, _sum(abs_sq(xc - own(mean)[0]), block))
-
-      if guard and inner:
-        mean, m2, ok = _plain_moments(x, block, dtype)
-        return count, *merge(mean, m2), (ok, two_pass)
-      return count, *two_pass(x), None
-
-    def shifted(x):
-      xf = x.astype(dtype)
-      shift = lax.slice_in_dim(xf, 0, 1, axis=axes[0]) if axes else xf
-      for a in axes[1:]:
-        shift = lax.slice_in_dim(shift, 0, 1, axis=a)
-      # x - shift is written two different ways on purpose. Written once,
-      # CSE shares it between the two sums and XLA (YNN fusions on CPU)
-      # writes the shifted copy of x to memory and reads it twice; written
-      # differently, each sum is its own reduction fusion that reads x.
-      xa, xb = _float_views(x, dtype, 2)
-      neg_s1 = _sum(shift - xa, axes)
-      s2 = _sum(abs_sq(xb + (-shift)), axes)
-      m2 = jnp.maximum(s2 - jnp.real(neg_s1 * jnp.conj(neg_s1)) / n, 0.0)
-      return shift - neg_s1 / n, m2
-
-    if guard:
-      mean, m2, ok = _plain_moments(x, axes, dtype)
-      return count, mean, m2, (ok, shifted)
-    return count, *shifted(x), None
+    n = math.prod(segment if a == 0 and segment else x.shape[a] for a in axes)
+    return jnp.full((1,) * x.ndim, n, dtype)
   # A mask that broadcasts along a reduced axis counts once per element there.
-  repeats = math.prod(xf.shape[a] for a in axes if mask.shape[a] == 1)
-  count = _sum(mask.astype(jnp.real(xf).dtype), axes) * float(repeats)
+  repeats = math.prod(x.shape[a] for a in axes if mask.shape[a] == 1)
+  return total(mask.astype(dtype)) * float(repeats)
+
+
+def local_moments(
+  x: jax.Array,
+  axes: tuple[int, ...],
+  *,
+  mask: jax.Array | None,
+  use_mean: bool,
+  dtype: Any,
+  segment: int | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``(count, mean, m2)`` of this device's elements; ``m2`` is the sum of
+  squared deviations (of squares when ``use_mean`` is false, with ``mean``
+  zero). See the module docstring for the formula."""
+  xf = x.astype(dtype)
+  real = jnp.real(xf).dtype
+  total = _reducer(axes, segment)
+  if segment is not None and mask is not None:
+    mask = jnp.broadcast_to(mask, x.shape[:1] + mask.shape[1:])
+  count = _count(xf, axes, mask, total, segment, real)
   count = jnp.broadcast_to(count, jnp.broadcast_shapes(count.shape, (1,) * xf.ndim))
   safe = jnp.maximum(count, 1.0)
+
+  def masked(v):
+    return v if mask is None else jnp.where(mask, v, 0.0)
+
   if not use_mean:
-    m2 = _sum(jnp.where(mask, abs_sq(xf), 0.0), axes)
-    return count, jnp.zeros_like(m2, dtype=xf.dtype), m2, None
-  mean = _sum(jnp.where(mask, xf, 0.0), axes) / safe
-  m2 = _sum(jnp.where(mask, abs_sq(xf - mean), 0.0), axes)
-  return count, mean, m2, None
+    m2 = total(masked(abs_sq(xf)))
+    return count, jnp.zeros_like(m2, dtype=xf.dtype), m2
+  mean = _saved(total(masked(xf)) / safe)
+  c = lax.stop_gradient(mean)
+  m2 = total(masked(abs_sq(xf - c))) - count * abs_sq(mean - c)
+  return count, mean, m2
 
 
-# The plain sums are kept where the squared deviations are at least this
-# fraction of the sum of squares, i.e. |mean| <= sqrt(15) std: then their
-# cancellation costs at most 4 bits, and the variance's relative error stays
-# within 16 times float32's summation error: at most 5e-6 measured at the
-# threshold over 200k values per channel, 2e-7 at mean 0.
-_GUARD = 1.0 / 16.0
+# --- 2. The merge across devices ------------------------------------------
 
 
-def _plain_moments(x, axes, dtype):
-  """Mean and m2 from ``sum(x)`` and ``sum(x^2)``, and whether they are exact.
-
-  On a CPU, a sum whose operand is x minus a broadcast statistic (a shift or
-  a mean) runs about 1.4 times slower than a plain sum of x or x^2 in XLA's
-  reduction fusions, which batch, instance and group norm over NHWC need
-  (their rows are strided, so their sums are separate fusions). So the
-  fused layers take these plain sums first, and the exact route only when
-  some row has ``|mean| > sqrt(15) std`` (``ok`` is false), where
-  ``E[x^2] - E[x]^2`` would lose too many digits; see :func:`_cond_on_cpu`.
-  """
-  xa, xb = _float_views(x, dtype, 2)
-  s1 = _sum(xa, axes)
-  s2 = _sum(abs_sq(xb), axes)
-  n = float(math.prod(x.shape[a] for a in axes))
-  mean = s1 / n
-  m2 = s2 - s1 * mean
-  return mean, m2, jnp.all(m2 >= _GUARD * s2)
-
-
-def _cond_on_cpu(ok, fast, exact, *args):
-  """``fast(*args)`` if ``ok`` else ``exact(*args)``, on a CPU; else ``exact``.
-
-  Other platforms take the exact route directly: the trade was measured on
-  XLA:CPU only, and on a GPU XLA reads a conditional's predicate back to the
-  host. Under ``vmap``, ``ok`` is taken over the whole batch, so one
-  ``cond`` remains rather than a select of both routes. ``fast`` and
-  ``exact`` must not close over traced values. Not differentiable by
-  autodiff: only the fused layers, whose custom VJP does not differentiate
-  their forward pass, use it.
-  """
-
-  def run(ok, *args):
-    return lax.cond(ok, fast, exact, *args)
-
-  run = jax.custom_batching.custom_vmap(run)
-
-  @run.def_vmap
-  def _run_batched(axis_size, in_batched, ok, *args):
-    ok = jnp.all(ok)
-    args = jax.tree.map(
-      lambda a, b: a if b else jnp.broadcast_to(a, (axis_size,) + a.shape),
-      args,
-      tuple(in_batched[1:]),
-    )
-    out = lax.cond(ok, jax.vmap(fast), jax.vmap(exact), *args)
-    return out, jax.tree.map(lambda _: True, out)
-
-  def elsewhere(ok, *args):
-    return exact(*args)
-
-  return lax.platform_dependent(ok, *args, cpu=run, default=elsewhere)
-
-
-def _group_weights(sync: _Sync) -> jax.Array:
+def _group_weights(sync: Sync) -> jax.Array:
   """Which devices are in this device's group (1.0) or not (0.0), shape (n,)."""
   group_of = [0] * sync.axis_size
   for k, g in enumerate(sync.groups):
@@ -238,46 +187,21 @@ def _group_weights(sync: _Sync) -> jax.Array:
   return (group_of == mine).astype(jnp.float32)
 
 
-def _all_gather_by_psum(parts: jax.Array, sync: _Sync) -> jax.Array:
+def _all_gather_by_psum(parts: jax.Array, sync: Sync) -> jax.Array:
   """Stacks every device's ``parts`` along a new leading axis, in one psum.
 
-  A psum of a one-hot slot is an all-gather that counts as a single
-  all-reduce, the collective every backend fuses best.
+  A psum of one-hot slots is an all-gather that is a single all-reduce,
+  the collective every backend implements and combines best, and whose
+  derivative is again a single psum.
   """
   index = lax.axis_index(sync.axis_name)
   slots = jax.nn.one_hot(index, sync.axis_size, dtype=jnp.real(parts).dtype)
-  buf = slots.reshape((-1,) + (1,) * parts.ndim) * parts[None]
-  return lax.psum(buf, sync.axis_name)
-
-
-def _combine(count, mean, m2, sync: _Sync):
-  """Merges every device's moments with one collective (Chan et al. 1979).
-
-  Each device contributes its own count, so uneven shards and masks are
-  exact, and deviations are taken from the global mean, so there is no
-  cancellation however large the mean is.
-  """
-  if sync.axis_name is None:
-    return count, mean, m2
-  shape = jnp.broadcast_shapes(count.shape, mean.shape, m2.shape)
-  parts = jnp.stack(
-    [jnp.broadcast_to(v, shape).astype(mean.dtype) for v in (count, mean, m2)]
+  return lax.psum(
+    slots.reshape((-1,) + (1,) * parts.ndim) * parts[None], sync.axis_name
   )
-  buf = _all_gather_by_psum(parts, sync)
-  counts, means, m2s = jnp.real(buf[:, 0]), buf[:, 1], jnp.real(buf[:, 2])
-  if sync.groups is not None:
-    w = _group_weights(sync).reshape((-1,) + (1,) * (buf.ndim - 2))
-    counts = counts * w.astype(counts.dtype)
-  total = jnp.sum(counts, axis=0)
-  safe = jnp.maximum(total, 1.0)
-  gmean = jnp.sum(counts * means, axis=0) / safe
-  gm2 = jnp.sum(
-    jnp.where(counts > 0, m2s + counts * abs_sq(means - gmean), 0.0), axis=0
-  )
-  return total, gmean, gm2
 
 
-def _psum(parts: jax.Array, sync: _Sync) -> jax.Array:
+def psum_in_groups(parts: jax.Array, sync: Sync) -> jax.Array:
   """Sums ``parts`` over the devices of this device's group, in one psum."""
   if sync.axis_name is None:
     return parts
@@ -288,37 +212,27 @@ def _psum(parts: jax.Array, sync: _Sync) -> jax.Array:
   return jnp.sum(buf * w.astype(buf.dtype), axis=0)
 
 
-def _psum_grads(sums, cotangents, x, sync: _Sync) -> tuple[jax.Array, ...]:
-  """The backward pass's one collective: ``sums`` and per-device cotangents.
+def merge(count, mean, m2, sync: Sync) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Every device's ``(count, mean, m2)`` merged, with one collective.
 
-  Under ``pmap`` and named ``vmap`` every device returns its own copy of the
-  mean and variance, so their cotangents are summed like ``sums``. Under
-  ``shard_map`` the returned statistics are invariant (no groups) and their
-  cotangent is already the total: summing it would count it once per device.
+  Chan, Golub & LeVeque (1979): ``m2 = sum_d m2_d + n_d |mean_d - mean|^2``,
+  deviations taken from the global mean, so nothing cancels.
   """
-  names = sync.axis_name if isinstance(sync.axis_name, tuple) else (sync.axis_name,)
-  x_axes = _varying_axes(x)
-  total = tuple(
-    sync.axis_name is not None
-    and all(a in x_axes for a in names)
-    and not any(a in _varying_axes(c) for a in names)
-    for c in cotangents
+  if sync.axis_name is None:
+    return count, mean, m2
+  shape = jnp.broadcast_shapes(count.shape, mean.shape, m2.shape)
+  parts = jnp.stack(
+    [jnp.broadcast_to(v, shape).astype(mean.dtype) for v in (count, mean, m2)]
   )
-  to_sum = list(sums) + [c for c, t in zip(cotangents, total, strict=True) if not t]
-  summed = iter(_psum(jnp.stack(jnp.broadcast_arrays(*to_sum)), sync))
-  out = [next(summed) for _ in sums]
-  for c, t in zip(cotangents, total, strict=True):
-    out.append(jnp.broadcast_to(c, out[0].shape) if t else next(summed))
-  return tuple(out)
-
-
-def make_sync(axis_name: Hashable | None, axis_index_groups: Any) -> _Sync:
-  """Checks ``axis_name``/``axis_index_groups`` and describes the reduction.
-
-  For layers that call :func:`moments` themselves.
-  """
-  size, groups = _checks.check_axis_name(axis_name, axis_index_groups)
-  return _Sync(axis_name, size, groups)
+  buf = _all_gather_by_psum(parts, sync)
+  counts, means, m2s = jnp.real(buf[:, 0]), buf[:, 1], jnp.real(buf[:, 2])
+  if sync.groups is not None:
+    counts = counts * _group_weights(sync).reshape((-1,) + (1,) * (buf.ndim - 2))
+  total = jnp.sum(counts, axis=0)
+  gmean = jnp.sum(counts * means, axis=0) / jnp.maximum(total, 1.0)
+  # A device with nothing in it (count 0) contributes nothing, not a NaN.
+  dev = jnp.where(counts > 0, m2s + counts * abs_sq(means - gmean), 0.0)
+  return total, gmean, jnp.sum(dev, axis=0)
 
 
 def moments(
@@ -327,209 +241,35 @@ def moments(
   *,
   mask: jax.Array | None,
   use_mean: bool,
-  sync: _Sync,
+  sync: Sync,
   dtype: Any,
-  separate: bool = True,
+  segment: int | None = None,
 ) -> Moments:
-  """Mean and biased variance of ``x`` over ``axes`` (and across devices).
+  """Mean and biased variance of ``x`` over ``axes`` and across devices.
 
-  ``separate=False`` lets XLA share one conversion of a narrow ``x`` between
-  the sums: faster when nothing else (a backward pass) reads ``x``.
+  With ``segment=k``, axis 0 (which must be in ``axes``) is split into
+  consecutive groups of ``k`` and every sample gets its own group's
+  statistics (ghost batch norm); groups never span devices of ``sync``.
   """
-  count, mean, m2, _ = _local_moments(x, axes, mask, use_mean, dtype, separate)
-  return _merged(count, mean, m2, sync)
-
-
-def _merged(count, mean, m2, sync: _Sync) -> Moments:
-  """This device's moments merged across devices, as a mean and a variance."""
-  count, mean, m2 = _combine(count, mean, m2, sync)
+  count, mean, m2 = local_moments(
+    x, axes, mask=mask, use_mean=use_mean, dtype=dtype, segment=segment
+  )
+  if sync.axis_name is not None:
+    count, mean, m2 = merge(count, mean, m2, sync)
+    mean = _saved(mean)
   var = m2 / jnp.maximum(count, 1.0)
-  return Moments(mean, var.astype(jnp.real(mean).dtype), count)
+  return Moments(mean, _saved(var.astype(jnp.real(mean).dtype)), count)
 
 
-class _Config(NamedTuple):
-  axes: tuple[int, ...]
-  use_mean: bool
-  epsilon: float
-  sync: _Sync
-  dtype: Any
-  out_dtype: Any
+# --- 3. Applying them, and what the backward pass keeps ----------------------
 
 
 def _apply(x, scale, bias, mean, inv, out_dtype, dtype):
-  xf = x.astype(dtype)
   mul = inv if scale is None else inv * scale.astype(dtype)
-  y = (xf - mean) * mul
+  y = (x.astype(dtype) - mean) * mul
   if bias is not None:
     y = y + bias.astype(dtype)
   return y.astype(out_dtype)
-
-
-def _finish(cfg: _Config, x, scale, bias, count, mean, m2, separate):
-  """The output and statistics from this device's moments: merged across
-  devices, then applied."""
-  m = _merged(count, mean, m2, cfg.sync)
-  inv = lax.rsqrt(m.var + cfg.epsilon).astype(m.var.dtype)
-  if separate and jnp.dtype(x.dtype) != jnp.dtype(cfg.dtype):
-    # Its own conversion of x, as the sums have theirs (see _float_views).
-    (x,) = lax.optimization_barrier((x,))
-  y = _apply(x, scale, bias, m.mean, inv, cfg.out_dtype, cfg.dtype)
-  return y, m, inv
-
-
-def _forward(cfg: _Config, x, scale, bias, mask, separate=True, guard=False):
-  count, mean, m2, alt = _local_moments(
-    x, cfg.axes, mask, cfg.use_mean, cfg.dtype, separate, guard
-  )
-  if alt is None:
-    return _finish(cfg, x, scale, bias, count, mean, m2, separate)
-  ok, exact = alt
-  if cfg.sync.axis_name is not None:
-    # Devices may take different routes, so the conditional holds only the
-    # local statistics: a collective inside it would not match across them.
-    mean, m2 = _cond_on_cpu(
-      ok, lambda x, m, v: (m, v), lambda x, m, v: exact(x), x, mean, m2
-    )
-    return _finish(cfg, x, scale, bias, count, mean, m2, separate)
-
-  # Without a collective the whole layer goes in the conditional: XLA:CPU
-  # runs the large output fusion right after a conditional at full speed
-  # only about half the time (measured: mean 1.2 times slower), and at full
-  # speed every time when the fusion is inside it.
-  def fast(x, scale, bias, count, mean, m2):
-    return _finish(cfg, x, scale, bias, count, mean, m2, separate)
-
-  def slow(x, scale, bias, count, mean, m2):
-    return _finish(cfg, x, scale, bias, count, *exact(x), separate)
-
-  return _cond_on_cpu(ok, fast, slow, x, scale, bias, count, mean, m2)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fused(cfg, x, scale, bias, mask):
-  y, m, _ = _forward(cfg, x, scale, bias, mask, separate=False, guard=True)
-  return y, m.mean, m.var
-
-
-def _fused_fwd(cfg, x, scale, bias, mask):
-  y, m, inv = _forward(cfg, x, scale, bias, mask, guard=True)
-  # Only x and per-row statistics are kept: x-hat is recomputed in the
-  # backward pass, where it fuses with the rest of the gradient.
-  return (y, m.mean, m.var), (x, scale, bias, mask, m.mean, inv, m.count)
-
-
-def _reduce_to(v, shape):
-  axes = tuple(
-    i for i, (a, b) in enumerate(zip(v.shape, shape, strict=True)) if b == 1 and a != 1
-  )
-  return jnp.sum(v, axis=axes, keepdims=True) if axes else v
-
-
-def _own(*small):
-  """Copies of small arrays that CSE cannot merge with the originals.
-
-  A full-size expression shared by two sums (``x - mean``, a broadcast
-  ``scale``, ``dy`` converted to float32) is written to memory and read back
-  by each, because XLA (its YNN reduction fusions on CPU) does not duplicate
-  a producer into several reductions. Giving each sum its own copy of the
-  per-row and per-channel operands makes its expression its own, so it fuses
-  into that sum, which then reads only ``x`` and ``dy``.
-  """
-  return lax.optimization_barrier(small)
-
-
-def _fused_bwd(cfg, res, cts):
-  x, scale, bias, mask, mean, inv, count = res
-  g, g_mean, g_var = cts
-  dtype = cfg.dtype
-  # One float view of x and dy per sum and one for dx (see _float_views).
-  g_c1, g_c2, g_ds, g_db, gf = _float_views(g, dtype, 5)
-  x_c2, x_ds, xf = _float_views(x, dtype, 3)
-  sf = None if scale is None else scale.astype(dtype)
-  # Masked-out elements are normalized too, so their cotangents reach the
-  # statistics: c1 and c2 sum over every element; only the correction below
-  # (d stats / dx) is restricted to the elements that entered the statistics.
-  # Reduced axes along which scale and bias are constant: all of them in
-  # batch and instance norm, the spatial ones in group norm, none in layer
-  # norm. Summed over those first, two sums over x and dy give c1, c2 and the
-  # parameter gradients at once; the rest runs on per-channel arrays.
-  const_axes = tuple(
-    a for a in cfg.axes if all(p is None or p.shape[a] == 1 for p in (scale, bias))
-  )
-  per_row = bool(const_axes)
-  if per_row:
-    (mean_c2,) = _own(mean)
-    sum_g = _sum(g_c1, const_axes)
-    sum_gx = _sum((x_c2 - mean_c2) * g_c2, const_axes)
-    c1 = sum_g if sf is None else sum_g * sf
-    c2 = sum_gx if sf is None else sum_gx * sf
-    var_axes = tuple(a for a in cfg.axes if a not in const_axes)
-    if var_axes:
-      c1, c2 = _sum(c1, var_axes), _sum(c2, var_axes)
-    c2 = c2 * inv
-  else:
-    if sf is None:
-      c1 = _sum(g_c1, cfg.axes)
-      (mean_c2,) = _own(mean)
-      c2 = _sum((x_c2 - mean_c2) * g_c2, cfg.axes) * inv
-    else:
-      (sf_c1,) = _own(sf)
-      c1 = _sum(g_c1 * sf_c1, cfg.axes)
-      mean_c2, sf_c2 = _own(mean, sf)
-      c2 = _sum((x_c2 - mean_c2) * sf_c2 * g_c2, cfg.axes) * inv
-  if cfg.use_mean:
-    c1, c2, g_mean, g_var = _psum_grads((c1, c2), (g_mean, g_var), x, cfg.sync)
-  else:
-    c2, g_var = _psum_grads((c2,), (g_var,), x, cfg.sync)
-  # dx = inv * dxhat - [mask] * (a + xhat * b), the usual batch-norm gradient
-  # with the cotangents of the returned mean and variance folded into a, b.
-  rn = 1.0 / jnp.maximum(count, 1.0)
-  b = (inv * c2 - 2.0 * g_var / inv) * rn
-  corr = (xf - mean) * (inv * b)
-  if cfg.use_mean:
-    corr = corr + (inv * c1 - g_mean) * rn
-  if mask is not None:
-    corr = jnp.where(mask, corr, 0.0)
-  dx = (gf * (inv if sf is None else inv * sf) - corr).astype(x.dtype)
-  dscale = None
-  if scale is not None:
-    if per_row:
-      dscale = _reduce_to(sum_gx * inv, scale.shape)
-    else:
-      mean_ds, inv_ds = _own(mean, inv)
-      dscale = _reduce_to(g_ds * ((x_ds - mean_ds) * inv_ds), scale.shape)
-    dscale = dscale.astype(scale.dtype)
-  dbias = None
-  if bias is not None:
-    dbias = _reduce_to(sum_g if per_row else g_db, bias.shape).astype(bias.dtype)
-  return dx, dscale, dbias, None
-
-
-_fused.defvjp(_fused_fwd, _fused_bwd)
-
-
-def _match_vma(v, x):
-  """Marks a replicated parameter as device-varying like ``x`` under shard_map.
-
-  The custom VJP returns per-device parameter gradients; the transpose of
-  this cast is what sums them over the devices, as autodiff would.
-  """
-  if v is None:
-    return None
-  missing = tuple(a for a in _varying_axes(x) if a not in _varying_axes(v))
-  return lax.pcast(v, missing, to="varying") if missing else v
-
-
-def _varying_axes(v) -> frozenset:
-  """The shard_map axes ``v`` varies over (empty outside shard_map).
-
-  Older jax spells it ``aval.vma``, newer ``aval.mat.varying``.
-  """
-  aval = jax.typeof(v)
-  mat = getattr(aval, "mat", None)
-  if mat is not None:
-    return frozenset(mat.varying)
-  return frozenset(getattr(aval, "vma", ()))
 
 
 def normalize_over(
@@ -540,31 +280,42 @@ def normalize_over(
   bias: jax.Array | None,
   mask: jax.Array | None,
   use_mean: bool,
-  epsilon: float,
+  epsilon: Any,
   axis_name: Hashable | None,
   axis_index_groups: Any,
   dtype: Any,
   out_dtype: Any,
+  segment: int | None = None,
+  affine: Any = None,
+  affine_args: tuple = (),
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Normalizes ``x`` by its own statistics over ``axes``.
 
   ``scale`` and ``bias`` are already shaped to broadcast against ``x``.
+  ``affine(mean, var, scale, bias, *affine_args) -> (scale, bias)``, if
+  given, replaces them with an affine that depends on the statistics (batch
+  renorm's ``r`` and ``d``).
 
   Returns:
     ``(y, mean, var)``, the statistics with ``keepdims=True``; ``mean`` is
     zero when ``use_mean`` is false (RMS normalization).
   """
-  size, groups = _checks.check_axis_name(axis_name, axis_index_groups)
-  sync = _Sync(axis_name, size, groups)
-  cfg = _Config(
-    axes, use_mean, float(epsilon), sync, jnp.dtype(dtype), jnp.dtype(out_dtype)
-  )
-  if jnp.iscomplexobj(x) or jnp.issubdtype(jnp.dtype(dtype), jnp.complexfloating):
-    # Complex inputs take plain autodiff through the same forward maths.
-    y, m, _ = _forward(cfg, x, scale, bias, mask)
-    return y, m.mean, m.var
-  scale, bias = _match_vma(scale, x), _match_vma(bias, x)
-  return _fused(cfg, x, scale, bias, mask)
+  sync = make_sync(axis_name, axis_index_groups)
+
+  def run(x, scale, bias, mask, epsilon, affine_args):
+    m = moments(
+      x, axes, mask=mask, use_mean=use_mean, sync=sync, dtype=dtype, segment=segment
+    )
+    inv = lax.rsqrt(m.var + epsilon)
+    if affine is not None:
+      scale, bias = affine(m.mean, m.var, scale, bias, *affine_args)
+    return _apply(x, scale, bias, m.mean, inv, out_dtype, dtype), m.mean, m.var
+
+  # Reverse mode keeps x and the statistics named _SAVED, nothing full-size.
+  # prevent_cse is off: there is no scan or loop here for it to protect, and
+  # its optimization barriers would only stand between XLA and fusion.
+  run = jax.checkpoint(run, policy=_POLICY, prevent_cse=False)
+  return run(x, scale, bias, mask, epsilon, tuple(affine_args))
 
 
 def normalize_with(
@@ -574,10 +325,42 @@ def normalize_with(
   *,
   scale: jax.Array | None,
   bias: jax.Array | None,
-  epsilon: float,
+  epsilon: Any,
   dtype: Any,
   out_dtype: Any,
 ) -> jax.Array:
   """Applies given statistics: ``(x - mean) * rsqrt(var + epsilon) * scale + bias``."""
   inv = lax.rsqrt(jnp.asarray(var, dtype) + epsilon)
   return _apply(x, scale, bias, jnp.asarray(mean, dtype), inv, out_dtype, dtype)
+
+
+# --- shard_map helpers for layers with a custom gradient (MABN) -------------
+
+
+def varying_axes(v) -> frozenset:
+  """The shard_map axes ``v`` varies over (empty outside shard_map)."""
+  aval = jax.typeof(v)
+  mat = getattr(aval, "mat", None)
+  if mat is not None:
+    return frozenset(mat.varying)
+  return frozenset(getattr(aval, "vma", ()))
+
+
+def match_vma(v, x):
+  """Marks a replicated parameter as device-varying like ``x`` under shard_map.
+
+  A custom VJP returns per-device parameter gradients; the transpose of this
+  cast is what sums them over the devices, as autodiff would.
+  """
+  if v is None:
+    return None
+  missing = tuple(a for a in varying_axes(x) if a not in varying_axes(v))
+  return lax.pcast(v, missing, to="varying") if missing else v
+
+
+def reduce_to(v: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Sums ``v`` over the axes where ``shape`` is 1 (a broadcast's transpose)."""
+  axes = tuple(
+    i for i, (a, b) in enumerate(zip(v.shape, shape, strict=True)) if b == 1 and a != 1
+  )
+  return jnp.sum(v, axis=axes, keepdims=True) if axes else v
