@@ -15,21 +15,33 @@ read ``x`` and ``dy``, write ``dx``, plus one more read of ``x`` for batch
 norm's batch statistics). On a GPU it also reports the bandwidth achieved on
 the compulsory bytes as a fraction of the device's peak.
 
+With ``--models`` the suite also times whole models, jaxnorm's
+``jaxnorm.linen`` layers against flax.linen's in jitted training steps of
+50 x (Dense + norm + ReLU) and of a small ResNet-style CNN: step time and
+compile time, each over flax's (see ``benchmarks/models.py``). Their rows
+go to ``model_rows`` in ``results.json`` and to a table of their own in
+``results.md``.
+
 Usage::
 
-  python benchmarks/run.py                      # everything (slow on a CPU)
+  python benchmarks/run.py                      # every layer row (slow on a CPU)
   python benchmarks/run.py --quick --out /tmp/b # a smoke run, under a minute
   python benchmarks/run.py --layers ln,rms --shapes tr1 --dtypes float32
+  python benchmarks/run.py --models             # layer rows, then model rows
+  python benchmarks/run.py --models-only        # the model rows alone
+  python benchmarks/run.py --models-only --models mlp --layers bn,gn
 
-Writes ``results.json``, ``results.md`` and ``ratios.png`` to ``--out``
-(default ``benchmarks/results``).
+Writes ``results.json``, ``results.md`` and ``ratios.png`` (layer rows only)
+to ``--out`` (default ``benchmarks/results``).
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import datetime
+import importlib.util
 import json
 import math
 import os
@@ -108,6 +120,23 @@ def steady_heap() -> bool:
       (m_trim_threshold, (1 << 31) - 1),
     )
   )
+
+
+def load_models():
+  """``benchmarks/models.py``, the whole-model rows, imported by its path.
+
+  By path, so that it loads the same whether this file runs as a script or
+  is imported from elsewhere (as the tests do).
+  """
+  name = "jaxnorm_bench_models"
+  if name in sys.modules:
+    return sys.modules[name]
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models.py")
+  spec = importlib.util.spec_from_file_location(name, path)
+  mod = importlib.util.module_from_spec(spec)
+  sys.modules[name] = mod  # dataclasses look their module up here
+  spec.loader.exec_module(mod)
+  return mod
 
 
 def peak_bandwidth(device_kind: str) -> float | None:
@@ -377,14 +406,21 @@ def _fmt(v, spec):
   return "–" if v is None else format(v, spec)
 
 
-def markdown(rows, meta) -> str:
-  peers = [lib for lib in LIBS if lib != "jaxnorm"]
-  lines = [
+def meta_line(meta) -> str:
+  """The first line of ``results.md``: device, versions, flags and reps."""
+  return (
     f"Device: {meta['device']['device_kind']} ({meta['device']['platform']}), "
     f"{meta['machine']['cpu']}, {meta['machine']['affinity']} cores; "
     + ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v)
     + f"; XLA_FLAGS=`{meta['xla_flags'] or '(none)'}`; reps={meta['reps']}"
-    + f"; steady heap: {'yes' if meta.get('steady_heap') else 'no'}.",
+    + f"; steady heap: {'yes' if meta.get('steady_heap') else 'no'}."
+  )
+
+
+def markdown(rows, meta) -> str:
+  peers = [lib for lib in LIBS if lib != "jaxnorm"]
+  lines = [
+    meta_line(meta),
     "",
     "Time: median ms of jaxnorm. `÷peer`: jaxnorm's time over the peer's "
     "(< 1 means jaxnorm is faster). `res/x`: bytes saved for the backward "
@@ -516,6 +552,25 @@ def parse_args(argv=None):
   p.add_argument("--libs", default=",".join(LIBS))
   p.add_argument("--reps", type=int, default=None, help="timed runs (default 9)")
   p.add_argument(
+    "--models",
+    nargs="?",
+    const="mlp,resnet",
+    default=None,
+    help="also time whole-model training steps: mlp, resnet (default both)",
+  )
+  p.add_argument(
+    "--models-only",
+    action="store_true",
+    help="time the whole models alone, no single-layer rows (implies --models)",
+  )
+  p.add_argument(
+    "--compile-reps",
+    type=int,
+    default=None,
+    help="timed compilations per model and library after a warm-up one "
+    "(default 3; quick: 0, the warm-up one is reported)",
+  )
+  p.add_argument(
     "--no-steady-heap",
     dest="steady_heap",
     action="store_false",
@@ -536,6 +591,22 @@ def main(argv=None):
     if s not in table:
       sys.exit(f"unknown shape {s!r}; choose from {list(table)}")
   layers = args.layers.split(",")
+  for layer in layers:
+    if layer not in LAYERS:
+      sys.exit(f"unknown layer {layer!r}; choose from {list(LAYERS)}")
+  if args.models_only and args.models is None:
+    args.models = "mlp,resnet"
+  model_names = [] if args.models is None else args.models.split(",")
+  models = load_models() if model_names else None
+  if models is not None:
+    model_table = models.QUICK_MODELS if args.quick else models.MODELS
+    for name in model_names:
+      if name not in model_table:
+        sys.exit(f"unknown model {name!r}; choose from {list(model_table)}")
+    model_configs = {name: model_table[name] for name in model_names}
+  compile_reps = (
+    args.compile_reps if args.compile_reps is not None else (0 if args.quick else 3)
+  )
   dtypes = [jnp.dtype(d) for d in args.dtypes.split(",")]
   modes = args.modes.split(",")
   libs = [lib for lib in args.libs.split(",")]
@@ -557,30 +628,70 @@ def main(argv=None):
     "quick": args.quick,
     "command": " ".join(sys.argv),
   }
-  cases = [
-    (layer, s, dt, m)
-    for s in shape_names
-    for layer in layers
-    for dt in dtypes
-    for m in modes
-  ]
+  if models is not None:
+    meta["models"] = {
+      name: dataclasses.asdict(cfg) for name, cfg in model_configs.items()
+    }
+    meta["compile_reps"] = compile_reps
+  cases = (
+    []
+    if args.models_only
+    else [
+      (layer, s, dt, m)
+      for s in shape_names
+      for layer in layers
+      for dt in dtypes
+      for m in modes
+    ]
+  )
   rows = []
+  model_rows = None if models is None else []
   key = jax.random.key(0)
   os.makedirs(args.out, exist_ok=True)
   for i, (layer, s, dt, m) in enumerate(tqdm(cases, desc="benchmark", unit="case")):
     entries = run_case(layer, table[s], dt, m, libs, reps, jax.random.fold_in(key, i))
     rows += build_rows(layer, s, table[s], dt, m, entries, device)
     del entries  # frees the compiled programs and buffers of large cases
-    write_json(args.out, meta, rows, done=i + 1 == len(cases))  # partial results
+    done = i + 1 == len(cases) and models is None
+    write_json(args.out, meta, rows, done=done)  # partial results
+  if models is not None:
+
+    def on_row(new_rows, done):
+      model_rows[:] = new_rows
+      write_json(args.out, meta, rows, done=done, model_rows=model_rows)
+
+    models.run(
+      model_configs,
+      layers,
+      reps,
+      compile_reps,
+      jax.random.fold_in(key, len(cases)),
+      progress=lambda c: tqdm(c, desc="models", unit="case"),
+      on_row=on_row,
+    )
+  parts = [markdown(rows, meta)] if rows else [meta_line(meta) + "\n"]
+  if model_rows is not None:
+    parts.append(models.markdown(model_rows, compile_reps))
+  text = "\n".join(parts)
   with open(os.path.join(args.out, "results.md"), "w") as f:
-    f.write(markdown(rows, meta))
-  plot(rows, os.path.join(args.out, "ratios.png"))
-  print(markdown(rows, meta))
-  return {"meta": meta, "summary": summary(rows), "rows": rows}
+    f.write(text)
+  if rows:
+    plot(rows, os.path.join(args.out, "ratios.png"))
+  print(text)
+  result = {"meta": meta, "summary": summary(rows), "rows": rows}
+  if model_rows is not None:
+    result["model_summary"] = models.summary(model_rows)
+    result["model_rows"] = model_rows
+  return result
 
 
-def write_json(out, meta, rows, done):
+def write_json(out, meta, rows, done, model_rows=None):
+  """Writes ``results.json`` atomically; ``done``: whether every row is in."""
   result = {"meta": {**meta, "complete": done}, "summary": summary(rows), "rows": rows}
+  if model_rows is not None:
+    models = load_models()
+    result["model_summary"] = models.summary(model_rows)
+    result["model_rows"] = model_rows
   tmp = os.path.join(out, "results.json.tmp")
   with open(tmp, "w") as f:
     json.dump(result, f, indent=1)

@@ -344,7 +344,7 @@ def _ghost_batch_norm(
     [
       jnp.sum(weight * mean, 0),
       jnp.sum(weight * var, 0),
-      jnp.broadcast_to(jnp.sum(weight, 0), rows[1:]),
+      jnp.sum(weight * jnp.ones_like(var), 0),  # sharded like the others
     ]
   )
   sums = _stats.psum_in_groups(sums, sync)
@@ -356,13 +356,10 @@ def _ghost_batch_norm(
     (sums[1] / safe).reshape(fshape),
   )
   # A device (or group of devices) with every group masked keeps its state.
+  seen = seen.reshape(fshape)
   new_state = BatchNormState(
-    mean=jnp.where(
-      seen.reshape(fshape), _ema(mean_state, group_mean, momentum), mean_state
-    ),
-    var=jnp.where(
-      seen.reshape(fshape), _ema(var_state, group_var, momentum), var_state
-    ),
+    mean=_stats.select(seen, _ema(mean_state, group_mean, momentum), mean_state),
+    var=_stats.select(seen, _ema(var_state, group_var, momentum), var_state),
   )
   return y, new_state
 

@@ -128,9 +128,10 @@ def _mabn_bwd(cfg, res, g):
     count = jnp.full(inv.shape, local, dtype)
   else:
     count = jnp.sum(mask.astype(dtype), cfg.axes, keepdims=True)
-  parts = jnp.stack(
-    jnp.broadcast_arrays(jnp.sum(dxhat_in * xhat, cfg.axes, keepdims=True), count)
-  )
+  psi_sum = jnp.sum(dxhat_in * xhat, cfg.axes, keepdims=True)
+  # Zeros shaped like psi_sum give count its sharding (channels may be
+  # sharded on an Explicit mesh, and a stack wants equal shardings).
+  parts = jnp.stack([psi_sum, count + jnp.zeros_like(psi_sum)])
   total, count = _stats.psum_in_groups(parts, cfg.sync)
   # psi_t: this batch's mean(g * x_hat), over every device's elements.
   psi = (total / jnp.maximum(count, 1.0)).reshape(old_sum.shape)
@@ -153,7 +154,9 @@ def _mabn_bwd(cfg, res, g):
   onehot = onehot.reshape((-1,) + (1,) * (grad_moments.ndim - 1))
   delta = onehot * (psi - grad_moments.astype(dtype))
   delta = (delta / cfg.replicas).astype(grad_moments.dtype)
-  return dx, dscale, dbias, None, None, None, delta, None, None, None
+  dscale, dbias = _stats.like(dscale, scale), _stats.like(dbias, bias)
+  delta = _stats.like(delta, grad_moments)
+  return _stats.like(dx, x), dscale, dbias, None, None, None, delta, None, None, None
 
 
 _mabn_apply.defvjp(_mabn_fwd, _mabn_bwd)
@@ -331,7 +334,11 @@ def moving_average_batch_norm(
   index = jnp.arange(buffer_size)
   # Entries older than the batches seen so far are not part of the average.
   valid = ((index < n) & (index != slot)).astype(jnp.float32)[:, None]
-  new_second = second_moments.astype(jnp.float32).at[slot].set(chi)
+  # A select rather than a scatter: chi may be sharded over the channels
+  # (an Explicit mesh refuses a scatter into a replicated buffer).
+  new_second = _stats.select(
+    (index == slot)[:, None], chi[None], second_moments.astype(jnp.float32)
+  )
   chi_bar = jnp.sum(new_second * (index < n)[:, None], axis=0) / n
   old_psi_sum = jnp.sum(grad_moments.astype(jnp.float32) * valid, axis=0)
   inv_c = lax.rsqrt(chi_bar + epsilon)

@@ -358,6 +358,28 @@ def match_vma(v, x):
   return lax.pcast(v, missing, to="varying") if missing else v
 
 
+def select(pred: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
+  """``where(pred, new, old)`` for a statistic ``new`` and a state ``old``.
+
+  On an Explicit mesh a statistic may be sharded (over the channels) where
+  the state is replicated, and a select wants equal shardings; adding zeros
+  shaped like ``new`` gives ``old`` its sharding without changing a bit.
+  """
+  return jnp.where(pred, new, old + jnp.zeros_like(new))
+
+
+def like(v: jax.Array | None, primal: jax.Array | None) -> jax.Array | None:
+  """``v`` with the sharding of ``primal``: a custom VJP's cotangent must
+  have its primal's type, and on an Explicit mesh one computed from sharded
+  ``x`` may come out sharded where the parameter is replicated."""
+  if v is None or primal is None:
+    return v
+  want = jax.typeof(primal).sharding
+  if jax.typeof(v).sharding == want:
+    return v
+  return jax.sharding.reshard(v, want.spec)
+
+
 def reduce_to(v: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   """Sums ``v`` over the axes where ``shape`` is 1 (a broadcast's transpose)."""
   axes = tuple(

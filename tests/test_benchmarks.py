@@ -81,6 +81,108 @@ def test_quick_run_writes_json_markdown_and_png(tmp_path):
   assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
 
 
+@pytest.mark.slow
+def test_quick_model_rows(tmp_path):
+  """The whole-model rows alone, tiny: finite times and ratios, same losses."""
+  out = tmp_path / "models"
+  proc = subprocess.run(
+    [sys.executable, RUN, "--quick", "--models-only", "--out", str(out)],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    cwd=ROOT,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+
+  result = json.loads((out / "results.json").read_text())
+  meta, rows, mrows = result["meta"], result["rows"], result["model_rows"]
+  assert meta["complete"] and meta["quick"] and rows == []
+  assert set(meta["models"]) == {"mlp", "resnet"}
+  # 2 models x 5 layers x 2 libraries.
+  assert len(mrows) == 20
+  assert {r["lib"] for r in mrows} == {"jaxnorm", "flax"}
+  assert {r["layer"] for r in mrows} == {"bn", "ln", "rms", "gn", "in"}
+  assert {r["kind"] for r in mrows} == {"mlp", "resnet"}
+  by_case = {}
+  for r in mrows:
+    by_case.setdefault((r["model"], r["layer"]), {})[r["lib"]] = r
+    assert len(r["times_s"]) >= 3
+    assert r["median_s"] == sorted(r["times_s"])[len(r["times_s"]) // 2]
+    for v in (r["median_s"], r["compile_s"], r["first_compile_s"], r["trace_s"]):
+      assert math.isfinite(v) and v > 0
+    assert math.isclose(
+      r["compile_s"], r["trace_s"] + r["lower_s"] + r["xla_compile_s"]
+    )
+    assert math.isfinite(r["loss"])
+  for libs in by_case.values():
+    j, f = libs["jaxnorm"], libs["flax"]
+    assert math.isclose(j["ratio"]["flax"], j["median_s"] / f["median_s"])
+    assert math.isclose(j["compile_ratio"]["flax"], j["compile_s"] / f["compile_s"])
+    assert math.isfinite(j["ratio"]["flax"]) and math.isfinite(f["ratio"]["jaxnorm"])
+    # Same model, same variables, same batch: the same loss.
+    assert j["loss_diff"]["flax"] <= 1e-4 * max(1.0, abs(f["loss"]))
+  assert result["model_summary"]["rows"] == 10
+  assert math.isfinite(result["model_summary"]["max_compile_ratio_vs_flax"])
+
+  md = (out / "results.md").read_text()
+  table = [ln for ln in md.splitlines() if ln.startswith("| ")]
+  assert len(table) == 1 + 10  # header + one row per (model, layer)
+  assert "÷flax" in table[0] and "compile ÷flax" in table[0]
+  assert all(ln.count("|") == table[0].count("|") for ln in table)
+  assert "Whole models, jaxnorm ÷ flax" in md
+  assert not (out / "ratios.png").exists()  # no single-layer rows to plot
+
+
+def _load_models():
+  return _load_run().load_models()
+
+
+def test_model_configs_match_the_issue():
+  models = _load_models()
+  mlp, resnet = models.MODELS["mlp"], models.MODELS["resnet"]
+  assert (mlp.kind, mlp.input_shape, mlp.blocks, mlp.features) == (
+    "mlp",
+    (32, 8, 8, 64),
+    50,
+    64,
+  )
+  assert mlp.norm_layers == 50 and mlp.groups == 32
+  # Stem, two per block, and the projection of the downsampling block.
+  assert resnet.norm_layers == 1 + 2 * 3 + 1 and resnet.groups == 32
+  assert models.QUICK_MODELS["mlp"].groups == 16  # fewer groups than channels
+
+
+def test_model_rows_and_markdown():
+  """Rows, ratios and table of the whole models, from made-up entries."""
+  models = _load_models()
+  cfg = models.QUICK_MODELS["mlp"]
+  entries = [
+    models.ModelEntry(
+      "jaxnorm", None, 1.0, (0.1, 0.1, 0.2), [(0.1, 0.1, 1.0)], [1e-3, 2e-3, 3e-3]
+    ),
+    models.ModelEntry(
+      "flax", None, 1.5, (0.1, 0.1, 0.3), [(0.1, 0.1, 0.8)], [4e-3] * 3
+    ),
+  ]
+  rows = models.build_rows("bn", cfg, entries)
+  j, f = rows
+  assert math.isclose(j["ratio"]["flax"], 0.5)
+  assert math.isclose(j["compile_ratio"]["flax"], 1.2 / 1.0)
+  assert math.isclose(j["loss_diff"]["flax"], 0.5)
+  assert j["compile_times_s"] == [1.2] and math.isclose(j["first_compile_s"], 0.4)
+  s = models.summary(rows)
+  assert s["rows_over_step_limit"] == 0 and s["rows_over_compile_limit"] == 1
+  md = models.markdown(rows, compile_reps=1)
+  table = [ln for ln in md.splitlines() if ln.startswith("| ")]
+  assert len(table) == 2 and "| 2.00 | 4.00 | 0.50 |" in table[1]
+  # Without timed compilations the warm-up one is reported.
+  for e in entries:
+    e.compile_splits.clear()
+  j = models.build_rows("bn", cfg, entries)[0]
+  assert math.isclose(j["compile_ratio"]["flax"], 0.4 / 0.5)
+  assert "first compilation" in models.markdown(rows, compile_reps=0)
+
+
 def test_compulsory_bytes_and_peak_bandwidth():
   run = _load_run()
   shape, nx = (4, 8), 4 * 8 * 4
