@@ -102,11 +102,13 @@ def batch_norm(
   state comes back unchanged.
 
   Statistics are accumulated in at least float32 and do not lose digits
-  when the mean is large: ``sum(x)`` and ``sum(x^2)`` where every channel's
-  ``|mean| <= sqrt(15) std`` (there ``E[x^2] - E[x]^2`` loses at most 4
-  bits), else a one-pass formula over ``x`` shifted by one of its own
-  values; the output has the dtype of ``x`` (or ``dtype``). The backward
-  pass keeps only ``x`` and per-channel statistics.
+  when the mean is large: the variance is the two-pass one (the mean, then
+  the squared deviations from it), whose relative error is ``(d / std)^2``
+  for a mean off by float32's rounding ``d`` (``E[x^2] - E[x]^2`` loses
+  every digit of ``1e4 + N(0, 1)``). The output has the dtype of ``x`` (or
+  ``dtype``). Reverse mode keeps only ``x`` and per-channel statistics;
+  derivatives of every order are JAX's own. Under SPMD ``jit`` with the
+  batch sharded it costs 2 all-reduces forward and 1 backward.
 
   With ``axis_name`` (under ``pmap``, ``shard_map`` or a named ``vmap``)
   the statistics are those of the union of every device's elements, each

@@ -149,6 +149,9 @@ def batch_renorm(
   :func:`batch_renorm_schedule` can run inside a jitted train step without
   recompiling.
 
+  Stability: the batch statistics are batch norm's two-pass ones, exact to
+  float32 rounding however large the mean.
+
   Args:
     x: input ``(N, ..., C, ...)``, floating point.
     params: ``NormParams(scale, bias)`` of shape ``(C,)`` (either may be

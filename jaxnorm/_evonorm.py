@@ -142,6 +142,9 @@ def evonorm_b0(
   axis but 0 and ``axis``). The running variance moves as in batch norm:
   ``var' = momentum * var + (1 - momentum) * s2_B``.
 
+  Stability: both variances (per sample and per batch) are two-pass,
+  exact to float32 rounding however large the mean.
+
   Args:
     x: input ``(N, ..., C, ...)`` of rank at least 2, floating point.
     params: ``EvoNormParams(scale, bias, v)`` of shape ``(C,)``.
@@ -257,6 +260,9 @@ def evonorm_s0(
   variance: per sample and group of ``C // num_groups`` consecutive
   channels, over the group's channels and every axis but 0 and ``axis``
   (group norm's statistic).
+
+  Stability: the group variance is two-pass, exact to float32 rounding
+  however large the mean.
 
   Args:
     x: input ``(N, ..., C, ...)`` of rank at least 2, floating point.

@@ -98,6 +98,9 @@ def filter_response_norm(
   (the paper's learned-epsilon variant, for inputs with few spatial
   positions such as ``(N, C)``, where ``nu^2 = x^2``).
 
+  Stability: ``nu^2`` is a mean square, with no cancellation; it is exact
+  to float32's summation error.
+
   Args:
     x: input ``(N, ..., C, ...)``, floating point; ``(N, H, W, C)`` for
       ``axis=-1``, ``(N, C, H, W)`` for ``axis=1``.
@@ -160,42 +163,24 @@ def filter_response_norm(
   scale_b = None if scale is None else scale.reshape(bshape)
   bias_b = None if bias is None else bias.reshape(bshape)
 
-  if eps is None:
-    # nu^2 is the uncentred second moment: normalize_over without the mean.
-    y, _, _ = _stats.normalize_over(
-      x,
-      axes=raxes,
-      scale=scale_b,
-      bias=bias_b,
-      mask=mask,
-      use_mean=False,
-      epsilon=epsilon,
-      axis_name=None,
-      axis_index_groups=None,
-      dtype=stats_dtype,
-      out_dtype=stats_dtype if use_tlu else out_dtype,
-    )
-  else:
-    # A learned epsilon is an array, which the fused kernel cannot take as a
-    # static constant: take the moments and differentiate through them.
-    m = _stats.moments(
-      x,
-      raxes,
-      mask=mask,
-      use_mean=False,
-      sync=_stats.make_sync(None, None),
-      dtype=stats_dtype,
-    )
-    y = _stats.normalize_with(
-      x,
-      m.mean,  # zeros: FRN does not centre
-      m.var,
-      scale=scale_b,
-      bias=bias_b,
-      epsilon=epsilon + jnp.abs(eps.reshape(bshape).astype(stats_dtype)),
-      dtype=stats_dtype,
-      out_dtype=stats_dtype if use_tlu else out_dtype,
-    )
+  if eps is not None:
+    # The learned epsilon of the paper: |eps| is added to epsilon.
+    epsilon = epsilon + jnp.abs(eps.reshape(bshape).astype(stats_dtype))
+  # nu^2 is the uncentred second moment: normalize_over without the mean,
+  # which has no cancellation to guard against.
+  y, _, _ = _stats.normalize_over(
+    x,
+    axes=raxes,
+    scale=scale_b,
+    bias=bias_b,
+    mask=mask,
+    use_mean=False,
+    epsilon=epsilon,
+    axis_name=None,
+    axis_index_groups=None,
+    dtype=stats_dtype,
+    out_dtype=stats_dtype if use_tlu else out_dtype,
+  )
   if use_tlu:
     y = jnp.maximum(y, tau.reshape(bshape).astype(y.dtype))
   return y.astype(out_dtype)

@@ -137,6 +137,9 @@ def layer_norm(
   image is ``reduction_axes=(1, 2, 3)``; for a transformer ``(B, T, D)`` the
   default ``-1`` normalizes every token over ``D``.
 
+  Stability: the two-pass variance (mean, then squared deviations), exact
+  to float32 rounding however large the mean; the mean is float32's sum.
+
   Args:
     x: input, floating point.
     params: ``NormParams(scale, bias)`` of shape ``x.shape[feature_axes]``.
@@ -198,7 +201,8 @@ def rms_norm(
 
   with the mean of squares over ``reduction_axes``. ``params.bias`` is
   normally ``None`` (:func:`rms_norm_init` creates none); if given, it is
-  added.
+  added. The mean square has no cancellation, so it is exact to float32's
+  summation error.
 
   Args:
     x: input, floating point.

@@ -235,6 +235,9 @@ def moving_average_batch_norm(
   device's elements, weighted by count; ``mask`` leaves elements out of both
   statistics (they are still normalized).
 
+  Stability: the second moment ``E[x^2]`` has no cancellation; it is
+  exact to float32's summation error.
+
   Args:
     x: input ``(N, ..., C, ...)``, floating point.
     params: ``NormParams(scale, bias)`` of shape ``(C,)`` (either may be

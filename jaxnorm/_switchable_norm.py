@@ -110,6 +110,9 @@ def switchable_norm(
   batch``, with the biased variance. The IN and LN statistics are per
   sample, so they are computed from ``x`` in evaluation too.
 
+  Stability: the IN, LN and BN statistics are each the two-pass mean and
+  variance, exact to float32 rounding however large the mean.
+
   Args:
     x: input ``(N, ..., C, ...)``, floating point; ``axis=1`` for NCHW.
     params: ``SwitchableNormParams(scale, bias, mean_weights,

@@ -3,29 +3,35 @@
 For each layer, in training and in evaluation mode where it has both, in
 float64: ``jax.jvp``, ``jax.jacfwd``, ``jax.linearize``, ``jax.grad``, grad of
 grad and ``jax.hessian``, and ``jax.vmap`` of each, agree with central finite
-differences of the forward pass (step ``1e-5``):
+differences (step ``1e-5``) to ``1e-5`` of the largest reference entry:
 
 - a directional derivative ``J d`` (jvp, jacfwd, linearize) with FD of ``y``;
 - the gradient of ``L = sum(y * w) + sum(y**3) / 3`` along random directions
   with FD of ``L`` (the cubic term makes the second derivatives non-zero);
-- a Hessian-vector product ``H d`` (jvp of grad, grad of grad, hessian) with
-  FD of the gradient.
+- a Hessian-vector product ``H d`` (grad of grad, hessian) with FD of the
+  gradient.
 
-Every layer input that is a float (``x`` and the parameters) is
-differentiated, flattened into one vector. The running state is a constant.
+Every float input of a layer (``x`` and the parameters) is differentiated,
+all flattened into one vector; the running state is a constant.
 
-Two layers define their gradient on purpose. Batch renorm holds ``r`` and
-``d`` under ``stop_gradient``: its reference is the batch-norm formula,
-written here, with ``r`` and ``d`` frozen at the point of evaluation. MABN's
-backward pass is a ``jax.custom_vjp``; on a fresh state its gradient is the
-exact one, which is checked, and its second order only has to run.
-Spectral norm holds its power-iteration vectors under ``stop_gradient``: its
-reference is ``W / (v^T W u)`` with ``u``, ``v`` the exact singular vectors
-(from NumPy's SVD) of a ``W`` whose state has converged.
+Three layers define their gradient on purpose, and are checked against the
+formula they document rather than against FD of their own forward pass:
 
-Finally, reverse mode keeps little: the residuals of ``jax.vjp`` of batch,
-layer and group norm are ``x`` and per-row statistics, nothing full-size in
-float32 for a bfloat16 ``x``.
+- batch renorm holds ``r`` and ``d`` under ``stop_gradient``: the reference
+  is the batch-norm formula, written here, with ``r`` and ``d`` frozen at
+  the point of evaluation;
+- spectral norm holds its power-iteration vectors under ``stop_gradient``:
+  the reference is ``W / (v^T W u)`` with ``u``, ``v`` the singular vectors
+  (by SVD) of a ``W`` whose state has converged;
+- MABN in training is a ``jax.custom_vjp``: on a fresh state its gradient is
+  that of the uncentred batch formula, written here; grad of grad only has
+  to run, and forward mode is not supported (``xfail``).
+
+``jax.hessian`` of batch norm in training is also checked entry by entry,
+for symmetry and against FD of a closed-form gradient. Finally, reverse mode
+keeps little: the residuals of ``jax.vjp`` of batch, layer and group norm
+are ``x`` and per-row statistics, nothing full-size in float32 for a
+bfloat16 ``x``.
 """
 
 from __future__ import annotations
@@ -217,7 +223,7 @@ def _weight_norm(rng):
 
 def _spectral_norm(rng):
   # W = U diag(s) V^T with a clear spectral gap; its state u is the exact
-  # leading right singular vector, so the power iteration has converged.
+  # leading right singular vector: the power iteration has converged.
   shape = (3, 2, C)
   q1, _ = np.linalg.qr(rng.standard_normal((6, C)))
   q2, _ = np.linalg.qr(rng.standard_normal((C, C)))
@@ -497,10 +503,13 @@ def test_batch_norm_hessian_is_symmetric_and_matches_fd_of_the_gradient(x64):
 # --- What reverse mode keeps -------------------------------------------------
 
 BIG = (16, 8, 8, 32)
-LN_LAST_AXIS = (
-  "layer_norm over the last axis keeps a float32 mean and var per row "
-  "(8 bytes against 64 bytes of a bfloat16 row of 32 channels): 1.127 x.nbytes"
-)
+# Statistics rows of each layer on BIG: a float32 mean and var are kept per row.
+ROWS = {
+  "batch_norm-train": BIG[-1],
+  "layer_norm": BIG[0],
+  "layer_norm-last_axis": BIG[0] * BIG[1] * BIG[2],
+  "group_norm": BIG[0] * 8,
+}
 
 
 def _kept(fn, x, params):
@@ -521,13 +530,20 @@ MEMORY = {
 }
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=str)
+@pytest.mark.parametrize(
+  "dtype", [jnp.float32, jnp.bfloat16], ids=lambda t: jnp.dtype(t).name
+)
 @pytest.mark.parametrize("name", list(MEMORY))
-def test_reverse_mode_keeps_x_and_statistics_only(name, dtype, request):
-  if name == "layer_norm-last_axis" and dtype == jnp.bfloat16:
-    request.applymarker(pytest.mark.xfail(strict=True, reason=LN_LAST_AXIS))
+def test_reverse_mode_keeps_x_and_statistics_only(name, dtype):
+  """x (in its own dtype), a float32 mean and variance per statistics row,
+  and the parameters: nothing else, and at most 1.1 x the bytes of x except
+  where a row is so short that its 8 bytes of statistics weigh more (layer
+  norm over 32 bfloat16 channels: 64 bytes of x per row, 1.13 x)."""
   x = jax.ShapeDtypeStruct(BIG, dtype)
   params = jn.NormParams(jnp.ones(BIG[-1]), jnp.zeros(BIG[-1]))
   nbytes = math.prod(BIG) * jnp.dtype(dtype).itemsize
   kept = _kept(MEMORY[name], x, params)
-  assert kept <= 1.1 * nbytes, f"reverse mode keeps {kept / nbytes:.3f} x.nbytes"
+  assert kept <= nbytes + 8 * ROWS[name] + 2 * 4 * BIG[-1], kept
+  row_bytes = nbytes / ROWS[name]
+  if row_bytes >= 80:
+    assert kept <= 1.1 * nbytes, f"reverse mode keeps {kept / nbytes:.3f} x.nbytes"

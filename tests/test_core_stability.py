@@ -254,3 +254,16 @@ def test_fully_masked_batch_norm_state_stays_finite():
     x, p, s, use_running_average=False, mask=jnp.zeros((4, 1), bool), momentum=0.5
   )
   assert bool(jnp.all(jnp.isfinite(new.mean))) and bool(jnp.all(new.var >= 0))
+
+
+@pytest.mark.parametrize("num_groups,shape", [(1, (64, 1, 1, 8)), (4, (64, 2, 2, 8))])
+def test_group_norm_small_groups_at_large_mean(num_groups, shape):
+  """SPEC rule 5 for a group of 8 values at 1e4 + N(0, 1): the variance used
+  is exact to 1e-3, so every normalized group has variance 1 (a wrong mean
+  only shifts the group; a wrong variance scales it)."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(1e4 + rng.standard_normal(shape), jnp.float32)
+  y = jn.group_norm(x, jn.group_norm_init(8), num_groups=num_groups, epsilon=0.0)
+  yg = np.asarray(y, np.float64).reshape(shape[0], -1, num_groups, 8 // num_groups)
+  var = yg.var(axis=(1, 3))
+  np.testing.assert_allclose(var, 1.0, rtol=1e-3)

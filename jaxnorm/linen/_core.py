@@ -84,8 +84,8 @@ class BatchNorm(nn.Module):
   Differences from flax, all on purpose:
 
   * ``use_fast_variance`` is accepted for compatibility and ignored: the
-    variance is always jaxnorm's stable one-pass shifted formula, as fast as
-    ``E[x^2] - E[x]^2`` but exact when the mean is large (flax's default
+    variance is always jaxnorm's exact two-pass formula, which does not
+    lose digits when the mean is large (flax's default ``E[x^2] - E[x]^2``
     loses every digit on ``x = 1e4 + N(0, 1)`` in float32).
   * During ``init`` the statistics are thrown away (as in flax) and the
     named axis is not needed; when ``x`` holds a single value per channel
@@ -238,7 +238,7 @@ class LayerNorm(nn.Module):
   ``reduction_axes=(1, 2, 3)``.
 
   ``use_fast_variance`` is accepted for compatibility and ignored: the
-  variance is always the stable one-pass shifted formula.
+  variance is always the exact two-pass formula.
 
   Attributes:
     epsilon: added to the variance inside the square root.

@@ -79,8 +79,8 @@ class BatchNorm(nnx.Module):
   The running update is ``new = momentum * old + (1 - momentum) * batch``
   with the biased batch variance (PyTorch's ``momentum=0.1`` is
   ``momentum=0.9`` here). ``use_fast_variance`` is accepted for
-  compatibility and ignored: the variance is always jaxnorm's stable
-  one-pass shifted formula. A training call with a single value per channel
+  compatibility and ignored: the variance is always jaxnorm's exact
+  two-pass formula. A training call with a single value per channel
   raises ``ValueError`` (flax returns ``bias``): nnx modules start in
   training mode, so call ``model.eval()`` before a shape check such as
   ``model(jnp.ones((1, 784)))``.
@@ -264,7 +264,7 @@ class LayerNorm(nnx.Module):
   ``y = (x - E[x]) / sqrt(Var[x] + epsilon) * scale + bias``, with
   ``scale`` and ``bias`` (``nnx.Param`` of shape ``(num_features,)``) along
   ``feature_axes``. ``use_fast_variance`` is accepted for compatibility and
-  ignored: the variance is always the stable one-pass shifted formula.
+  ignored: the variance is always the exact two-pass formula.
 
   Args:
     num_features: the size of the feature axes (their product, for several).
