@@ -6,14 +6,89 @@ bad argument raises before any computation is staged.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 Axes = int | Sequence[int]
+
+
+def is_int(v: Any) -> bool:
+  """A Python or NumPy integer, not a bool."""
+  return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def as_int(v: Any, name: str, *, least: int | None = None) -> int:
+  """``v`` as a Python int (NumPy integers accepted), or raises naming ``name``."""
+  if not is_int(v):
+    raise TypeError(f"`{name}` must be an int, got {v!r} of type {type(v).__name__}.")
+  v = int(v)
+  if least is not None and v < least:
+    raise ValueError(f"`{name}` must be at least {least}, got {v}.")
+  return v
+
+
+def as_bool(v: Any, name: str) -> bool:
+  """``v`` as a Python bool (NumPy bools accepted), or raises naming ``name``."""
+  if not isinstance(v, (bool, np.bool_)):
+    raise TypeError(
+      f"`{name}` must be a Python bool (it selects the code path at trace "
+      f"time), got {type(v).__name__}."
+    )
+  return bool(v)
+
+
+def _concrete(v: Any):
+  """The value of ``v`` as a NumPy array if it is known at trace time."""
+  try:
+    return np.asarray(v)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return None
+
+
+def check_hyper(v: Any, name: str, *, low: float = 0.0, high: float = math.inf) -> Any:
+  """Checks a float hyperparameter where it is concrete.
+
+  ``epsilon``, ``momentum``, ``r_max``... A Python or NumPy number, or a
+  concrete array, must be finite and within ``[low, high]``. A traced value
+  (a schedule under ``jit``) cannot be checked at trace time and is used as
+  it is: a NaN there spreads to the output (see the README's NaN policy).
+  """
+  if v is None or isinstance(v, (bool, np.bool_, str, bytes)):
+    raise TypeError(f"`{name}` must be a number, got {v!r}.")
+  if not isinstance(v, (int, float, np.number, np.ndarray, jax.Array)):
+    raise TypeError(f"`{name}` must be a number, got {type(v).__name__}.")
+  if jnp.ndim(v) != 0:
+    raise ValueError(f"`{name}` must be a scalar, got shape {jnp.shape(v)}.")
+  if not jnp.issubdtype(jnp.result_type(v), jnp.number) or jnp.iscomplexobj(v):
+    raise TypeError(f"`{name}` must be a real number, got {v!r}.")
+  value = _concrete(v)
+  if value is not None:
+    value = float(value)
+    if not math.isfinite(value) or not low <= value <= high:
+      bound = f"[{low}, {high}]" if math.isfinite(high) else f">= {low}"
+      raise ValueError(f"`{name}` must be finite and {bound}, got {value}.")
+    if isinstance(v, (int, float, np.number)):
+      return value
+  return v
+
+
+def check_dtype(dtype: Any, name: str = "dtype") -> Any:
+  """``None`` or a floating dtype, or raises ``TypeError`` naming ``name``."""
+  if dtype is None:
+    return None
+  try:
+    dt = jnp.dtype(dtype)
+  except TypeError:
+    raise TypeError(f"`{name}` must be a floating dtype, got {dtype!r}.") from None
+  if not jnp.issubdtype(dt, jnp.inexact):
+    raise TypeError(f"`{name}` must be a floating dtype, got {dt}.")
+  return dt
 
 
 def canonicalize_axes(ndim: int, axes: Axes, name: str) -> tuple[int, ...]:

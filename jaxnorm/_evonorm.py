@@ -303,23 +303,17 @@ def evonorm_s0(
   mask = _checks.check_mask(mask, x.shape)
   cdtype = _checks.compute_dtype(x.dtype, dtype)
   out_dtype = x.dtype if dtype is None else jnp.dtype(dtype)
-  # Split the channel axis into (groups, channels per group): the group
-  # variance is then a plain reduction over a free reshape.
-  gshape = x.shape[:c] + (groups, channels // groups) + x.shape[c + 1 :]
-  axes = tuple(a if a < c else a + 1 for a in range(1, x.ndim) if a != c) + (c + 1,)
-  gmask = None if mask is None else jnp.broadcast_to(mask, x.shape).reshape(gshape)
+  # The group variance, per channel (see _stats._reducer's channel groups).
   m = _stats.moments(
-    x.reshape(gshape),
-    tuple(sorted(axes)),
-    mask=gmask,
+    x,
+    tuple(a for a in range(1, x.ndim) if a != c),
+    mask=mask,
     use_mean=True,
-    sync=_stats.make_sync(None, None),
+    sync=_stats.NO_SYNC,
     dtype=cdtype,
+    groups=(c, groups),
   )
-  tshape = list(m.var.shape)
-  tshape[c + 1] = channels // groups
-  inv = jnp.broadcast_to(lax.rsqrt(m.var + epsilon), tshape)
-  inv = inv.reshape(tuple(x.shape[a] if a in (0, c) else 1 for a in range(x.ndim)))
+  inv = lax.rsqrt(m.var + epsilon)
   xf = x.astype(cdtype)
   y = xf * jax.nn.sigmoid(v.astype(cdtype).reshape(bshape) * xf) * inv
   return _affine(y, _b(scale, bshape), _b(bias, bshape), cdtype).astype(out_dtype)

@@ -153,19 +153,12 @@ def group_norm(
   bias = _checks.check_param(params.bias, (channels,), "params.bias")
   mask = _checks.check_mask(mask, x.shape)
 
-  # Split the channel axis into (groups, channels per group): the group
-  # statistics are then a plain reduction, and the reshape is free.
-  gshape = x.shape[:c] + (groups, channels // groups) + x.shape[c + 1 :]
-  xg = x.reshape(gshape)
-  axes = tuple(a if a < c else a + 1 for a in raxes) + (c + 1,)
-  pshape = (1,) * c + (groups, channels // groups) + (1,) * (x.ndim - c - 1)
-  if mask is not None:
-    mask = jnp.broadcast_to(mask, x.shape).reshape(gshape)
+  bshape = _checks.broadcast_shape(x.ndim, x.shape, (c,))
   y, _, _ = _stats.normalize_over(
-    xg,
-    axes=tuple(sorted(axes)),
-    scale=None if scale is None else scale.reshape(pshape),
-    bias=None if bias is None else bias.reshape(pshape),
+    x,
+    axes=raxes,
+    scale=None if scale is None else scale.reshape(bshape),
+    bias=None if bias is None else bias.reshape(bshape),
     mask=mask,
     use_mean=True,
     epsilon=epsilon,
@@ -173,8 +166,9 @@ def group_norm(
     axis_index_groups=axis_index_groups,
     dtype=_checks.compute_dtype(x.dtype, dtype, force_float32_reductions),
     out_dtype=x.dtype if dtype is None else jnp.dtype(dtype),
+    groups=(c, groups),
   )
-  return y.reshape(x.shape)
+  return y
 
 
 def instance_norm(

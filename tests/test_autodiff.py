@@ -503,12 +503,13 @@ def test_batch_norm_hessian_is_symmetric_and_matches_fd_of_the_gradient(x64):
 # --- What reverse mode keeps -------------------------------------------------
 
 BIG = (16, 8, 8, 32)
-# Statistics rows of each layer on BIG: a float32 mean and var are kept per row.
+# Statistics rows of each layer on BIG: a float32 mean and var are kept per row
+# (group norm keeps its group statistics broadcast to the channels).
 ROWS = {
   "batch_norm-train": BIG[-1],
   "layer_norm": BIG[0],
   "layer_norm-last_axis": BIG[0] * BIG[1] * BIG[2],
-  "group_norm": BIG[0] * 8,
+  "group_norm": BIG[0] * BIG[-1],  # statistics are kept per channel
 }
 
 
