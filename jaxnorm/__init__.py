@@ -1,6 +1,8 @@
 """jaxnorm: normalization layers for JAX as pure functions over explicit
 parameter and state pytrees, with thin flax.linen and flax.nnx wrappers."""
 
+# Registers the NamedTuples above for jax.export serialization.
+from jaxnorm import _export  # noqa: E402, F401, I001
 from jaxnorm._batch_norm import batch_norm as batch_norm
 from jaxnorm._batch_norm import batch_norm_init as batch_norm_init
 from jaxnorm._batch_renorm import batch_renorm as batch_renorm
@@ -8,6 +10,7 @@ from jaxnorm._batch_renorm import batch_renorm_init as batch_renorm_init
 from jaxnorm._batch_renorm import batch_renorm_schedule as batch_renorm_schedule
 from jaxnorm._benchmark import BenchmarkResult as BenchmarkResult
 from jaxnorm._benchmark import benchmark as benchmark
+from jaxnorm._checks import checkify_checks as checkify_checks
 from jaxnorm._evonorm import EvoNormB0State as EvoNormB0State
 from jaxnorm._evonorm import EvoNormParams as EvoNormParams
 from jaxnorm._evonorm import evonorm_b0 as evonorm_b0
@@ -61,6 +64,7 @@ __all__ = [
   "batch_renorm_init",
   "batch_renorm_schedule",
   "benchmark",
+  "checkify_checks",
   "evonorm_b0",
   "evonorm_b0_init",
   "evonorm_s0",

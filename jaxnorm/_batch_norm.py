@@ -15,15 +15,18 @@ from jaxnorm._types import BatchNormState, NormParams
 
 
 def _as_shape(num_features: int | Sequence[int], name: str) -> tuple[int, ...]:
-  if isinstance(num_features, int) and not isinstance(num_features, bool):
-    shape = (num_features,)
+  if _checks.is_int(num_features):
+    shape = (int(num_features),)
   else:
     try:
-      shape = tuple(int(d) for d in num_features)
+      shape = tuple(num_features)
     except TypeError:
+      shape = None
+    if shape is None or not all(_checks.is_int(d) for d in shape):
       raise TypeError(
         f"`{name}` must be an int or a tuple of ints, got {num_features!r}."
-      ) from None
+      )
+    shape = tuple(int(d) for d in shape)
   if any(d <= 0 for d in shape):
     raise ValueError(f"`{name}` must be positive, got {num_features!r}.")
   return shape
@@ -181,19 +184,15 @@ def batch_norm(
     True
   """
   x = _checks.check_input(x)
-  if not isinstance(use_running_average, bool):
-    raise TypeError(
-      "`use_running_average` must be a Python bool (it selects the code "
-      f"path at trace time), got {type(use_running_average).__name__}."
-    )
+  use_running_average = _checks.as_bool(use_running_average, "use_running_average")
   feature_axes = _checks.canonicalize_axes(x.ndim, axis, "axis")
   reduction_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
   fshape = _checks.feature_shape(x.shape, feature_axes)
   bshape = _checks.broadcast_shape(x.ndim, x.shape, feature_axes)
-  scale = _checks.check_param(params.scale, fshape, "params.scale")
-  bias = _checks.check_param(params.bias, fshape, "params.bias")
-  mean_state = _checks.check_param(state.mean, fshape, "state.mean")
-  var_state = _checks.check_param(state.var, fshape, "state.var")
+  scale = _checks.check_param(params.scale, fshape, "params.scale", x.dtype)
+  bias = _checks.check_param(params.bias, fshape, "params.bias", x.dtype)
+  mean_state = _checks.check_param(state.mean, fshape, "state.mean", x.dtype)
+  var_state = _checks.check_param(state.var, fshape, "state.var", x.dtype)
   mask = _checks.check_mask(mask, x.shape)
   stats_dtype = _checks.compute_dtype(x.dtype, dtype, force_float32_reductions)
   out_dtype = x.dtype if dtype is None else jnp.dtype(dtype)
@@ -231,7 +230,7 @@ def batch_norm(
       out_dtype=out_dtype,
     )
   check_batch_size(x.shape, reduction_axes, axis_name, axis_index_groups, mask)
-  y, mean, var = _stats.normalize_over(
+  y, mean, var, count = _stats.normalize_over(
     x,
     axes=reduction_axes,
     scale=scale_b,
@@ -244,9 +243,10 @@ def batch_norm(
     dtype=stats_dtype,
     out_dtype=out_dtype,
   )
+  seen = jnp.broadcast_to(count, mean.shape).reshape(fshape) > 0
   new_state = BatchNormState(
-    mean=_ema(mean_state, mean.reshape(fshape), momentum),
-    var=_ema(var_state, var.reshape(fshape), momentum),
+    mean=_ema(mean_state, mean.reshape(fshape), momentum, seen),
+    var=_ema(var_state, var.reshape(fshape), momentum, seen),
   )
   return y, new_state
 
@@ -262,7 +262,11 @@ def check_batch_size(
   size, _ = _checks.check_axis_name(axis_name, axis_index_groups)
   per_device = math.prod(x_shape[a] for a in reduction_axes)
   group = size if axis_index_groups is None else len(axis_index_groups[0])
-  if mask is None and per_device * group <= 1:
+  try:
+    single = per_device * group == 1
+  except Exception:  # a symbolic batch size (jax.export): cannot be decided
+    single = False
+  if mask is None and single:
     raise ValueError(
       f"Expected more than 1 value per channel in training mode, got `x` of "
       f"shape {x_shape} reduced over axes {reduction_axes}: batch statistics "
@@ -290,8 +294,7 @@ def _ghost_batch_norm(
 ):
   """Ghost BN: batch norm of each group of ``k`` consecutive samples."""
   k = virtual_batch_size
-  if not isinstance(k, int) or isinstance(k, bool) or k <= 0:
-    raise TypeError(f"`virtual_batch_size` must be a positive int or None, got {k!r}.")
+  k = _checks.as_int(k, "virtual_batch_size", least=1)
   if 0 in feature_axes:
     raise ValueError(
       "`virtual_batch_size` splits the batch axis 0, which `axis` names as a "
@@ -315,7 +318,7 @@ def _ghost_batch_norm(
     )
   # Every sample gets the statistics of its own group of k (see
   # _stats._segment_sum: no reshape of the batch axis, which may be sharded).
-  y, mean, var = _stats.normalize_over(
+  y, mean, var, _ = _stats.normalize_over(
     x,
     axes=reduction_axes,
     scale=scale_b,
@@ -360,12 +363,22 @@ def _ghost_batch_norm(
   # A device (or group of devices) with every group masked keeps its state.
   seen = seen.reshape(fshape)
   new_state = BatchNormState(
-    mean=_stats.select(seen, _ema(mean_state, group_mean, momentum), mean_state),
-    var=_stats.select(seen, _ema(var_state, group_var, momentum), var_state),
+    mean=_ema(mean_state, group_mean, momentum, seen),
+    var=_ema(var_state, group_var, momentum, seen),
   )
   return y, new_state
 
 
-def _ema(old: jax.Array, new: jax.Array, momentum: float) -> jax.Array:
+def _ema(
+  old: jax.Array, new: jax.Array, momentum: Any, seen: jax.Array | None = None
+) -> jax.Array:
+  """``momentum * old + (1 - momentum) * new``, or ``old`` where nothing was
+  ``seen`` (an empty or wholly masked batch leaves the state exactly as it
+  was, rather than pulling it toward 0)."""
+  momentum = _checks.check_hyper(momentum, "momentum", high=1.0)
+  _checks.traced_check("momentum", momentum, low=0.0, high=1.0)
   new = jnp.real(new) if not jnp.iscomplexobj(old) else new
-  return (momentum * old + (1.0 - momentum) * new).astype(old.dtype)
+  out = (momentum * old + (1.0 - momentum) * new).astype(old.dtype)
+  if seen is None:
+    return out
+  return _stats.select(jnp.reshape(seen, old.shape), out, old)

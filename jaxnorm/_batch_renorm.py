@@ -203,19 +203,15 @@ def batch_renorm(
     True
   """
   x = _checks.check_input(x)
-  if not isinstance(use_running_average, bool):
-    raise TypeError(
-      "`use_running_average` must be a Python bool (it selects the code "
-      f"path at trace time), got {type(use_running_average).__name__}."
-    )
+  use_running_average = _checks.as_bool(use_running_average, "use_running_average")
   faxes = _checks.canonicalize_axes(x.ndim, axis, "axis")
   raxes = tuple(a for a in range(x.ndim) if a not in faxes)
   fshape = _checks.feature_shape(x.shape, faxes)
   bshape = _checks.broadcast_shape(x.ndim, x.shape, faxes)
-  scale = _checks.check_param(params.scale, fshape, "params.scale")
-  bias = _checks.check_param(params.bias, fshape, "params.bias")
-  mean_state = _checks.check_param(state.mean, fshape, "state.mean")
-  var_state = _checks.check_param(state.var, fshape, "state.var")
+  scale = _checks.check_param(params.scale, fshape, "params.scale", x.dtype)
+  bias = _checks.check_param(params.bias, fshape, "params.bias", x.dtype)
+  mean_state = _checks.check_param(state.mean, fshape, "state.mean", x.dtype)
+  var_state = _checks.check_param(state.var, fshape, "state.var", x.dtype)
   r_max = _check_bound(r_max, "r_max", 1.0)
   d_max = _check_bound(d_max, "d_max", 0.0)
   mask = _checks.check_mask(mask, x.shape)
@@ -255,7 +251,7 @@ def batch_renorm(
     b = b if bias_b is None else b + bias_b.astype(stats_dtype)
     return s, b
 
-  y, mean, var = _stats.normalize_over(
+  y, mean, var, count = _stats.normalize_over(
     x,
     axes=raxes,
     scale=scale_b,
@@ -270,20 +266,15 @@ def batch_renorm(
     affine=renorm_affine,
     affine_args=(mu_run, var_run),
   )
+  seen = jnp.broadcast_to(count, mean.shape).reshape(fshape) > 0
   new_state = BatchNormState(
-    mean=_ema(mean_state, mean.reshape(fshape), momentum),
-    var=_ema(var_state, var.reshape(fshape), momentum),
+    mean=_ema(mean_state, mean.reshape(fshape), momentum, seen),
+    var=_ema(var_state, var.reshape(fshape), momentum, seen),
   )
   return y, new_state
 
 
 def _check_bound(v: ArrayLike, name: str, least: float) -> jax.Array | float:
-  if isinstance(v, (int, float)) and not isinstance(v, bool):
-    if v < least:
-      raise ValueError(f"`{name}`={v} must be at least {least}.")
-    return float(v)
-  if not hasattr(v, "shape"):
-    raise TypeError(f"`{name}` must be a number or a scalar array, got {v!r}.")
-  if jnp.shape(v) != ():
-    raise ValueError(f"`{name}` must be a scalar, got shape {jnp.shape(v)}.")
-  return jnp.asarray(v, jnp.float32)
+  """A scalar clip bound: concrete ones must be finite and ``>= least``."""
+  v = _checks.check_hyper(v, name, low=least)
+  return v if isinstance(v, float) else jnp.asarray(v, jnp.float32)

@@ -6,14 +6,17 @@ bad argument raises before any computation is staged.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.experimental import checkify
 
 Axes = int | Sequence[int]
 
@@ -93,9 +96,9 @@ def check_dtype(dtype: Any, name: str = "dtype") -> Any:
 
 def canonicalize_axes(ndim: int, axes: Axes, name: str) -> tuple[int, ...]:
   """Returns sorted, non-negative, de-duplicated axes, or raises naming ``name``."""
-  if isinstance(axes, bool):
+  if isinstance(axes, (bool, np.bool_, str)):
     raise TypeError(f"`{name}` must be an int or a sequence of ints, got {axes!r}.")
-  if isinstance(axes, int):
+  if is_int(axes):
     axes = (axes,)
   try:
     axes = tuple(axes)
@@ -105,12 +108,21 @@ def canonicalize_axes(ndim: int, axes: Axes, name: str) -> tuple[int, ...]:
     ) from None
   out = set()
   for a in axes:
-    if not isinstance(a, int) or isinstance(a, bool):
+    if not is_int(a):
       raise TypeError(f"`{name}` must contain ints, got {a!r}.")
+    a = int(a)
     if not -ndim <= a < ndim:
       raise ValueError(f"`{name}`={a} is out of range for an input of rank {ndim}.")
     out.add(a % ndim)
   return tuple(sorted(out))
+
+
+def single_axis(ndim: int, axis: Any, name: str = "axis") -> int:
+  """One axis, or raises naming ``name`` (a layer with one channel axis)."""
+  axes = canonicalize_axes(ndim, axis, name)
+  if len(axes) != 1:
+    raise ValueError(f"`{name}` must be a single axis for this layer, got {axis!r}.")
+  return axes[0]
 
 
 def check_input(x: Any, name: str = "x") -> jax.Array:
@@ -127,7 +139,8 @@ def check_input(x: Any, name: str = "x") -> jax.Array:
 
 def compute_dtype(x_dtype: Any, dtype: Any = None, force_float32: bool = True):
   """The dtype statistics are accumulated in: at least float32 by default."""
-  base = jnp.dtype(dtype) if dtype is not None else jnp.dtype(x_dtype)
+  dtype = check_dtype(dtype)
+  base = dtype if dtype is not None else jnp.dtype(x_dtype)
   if force_float32:
     return jnp.promote_types(base, jnp.float32)
   return base
@@ -138,10 +151,11 @@ def check_mask(mask: Any, shape: tuple[int, ...]) -> jax.Array | None:
   if mask is None:
     return None
   mask = jnp.asarray(mask)
-  if not (
-    jnp.issubdtype(mask.dtype, jnp.bool_) or jnp.issubdtype(mask.dtype, jnp.integer)
-  ):
-    raise TypeError(f"`mask` must be a boolean array, got dtype {mask.dtype}.")
+  if not jnp.issubdtype(mask.dtype, jnp.bool_):
+    raise TypeError(
+      f"`mask` must be a boolean array, got dtype {mask.dtype} (an integer "
+      "mask is ambiguous: pass `mask != 0` or `mask.astype(bool)`)."
+    )
   try:
     out = jnp.broadcast_shapes(mask.shape, shape)
   except ValueError:
@@ -156,11 +170,27 @@ def check_mask(mask: Any, shape: tuple[int, ...]) -> jax.Array | None:
   return mask.astype(bool)
 
 
-def check_param(p: Any, expected: tuple[int, ...], name: str) -> jax.Array | None:
-  """Checks that a parameter or state leaf has the shape the input implies."""
+def check_param(
+  p: Any, expected: tuple[int, ...], name: str, x_dtype: Any = None
+) -> jax.Array | None:
+  """Checks that a parameter or state leaf has the shape the input implies.
+
+  With ``x_dtype``, also that it is floating point, and real unless ``x`` is
+  complex: an integer state would be truncated at every update, and the
+  imaginary part of a complex parameter silently dropped.
+  """
   if p is None:
     return None
   p = jnp.asarray(p)
+  if x_dtype is not None:
+    if not jnp.issubdtype(p.dtype, jnp.inexact):
+      raise TypeError(f"`{name}` must be a floating-point array, got dtype {p.dtype}.")
+    if jnp.issubdtype(p.dtype, jnp.complexfloating) and not jnp.issubdtype(
+      x_dtype, jnp.complexfloating
+    ):
+      raise TypeError(
+        f"`{name}` is complex ({p.dtype}) but `x` is real ({jnp.dtype(x_dtype)})."
+      )
   if tuple(p.shape) != tuple(expected):
     raise ValueError(
       f"`{name}` has shape {tuple(p.shape)}, but the input implies {tuple(expected)}."
@@ -193,11 +223,15 @@ def check_axis_name(
   if axis_index_groups is None:
     return size, None
   try:
-    groups = tuple(tuple(int(i) for i in g) for g in axis_index_groups)
+    groups = tuple(tuple(i for i in g) for g in axis_index_groups)
   except TypeError:
+    groups = None
+  if groups is None or not all(is_int(i) for g in groups for i in g):
     raise TypeError(
-      "`axis_index_groups` must be a sequence of sequences of device indices."
-    ) from None
+      "`axis_index_groups` must be a sequence of sequences of int device "
+      f"indices, got {axis_index_groups!r}."
+    )
+  groups = tuple(tuple(int(i) for i in g) for g in groups)
   sizes = {len(g) for g in groups}
   if len(sizes) != 1 or 0 in sizes:
     raise ValueError(
@@ -220,3 +254,75 @@ def feature_shape(x_shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int,
 def broadcast_shape(x_ndim: int, x_shape, axes: tuple[int, ...]) -> tuple[int, ...]:
   """Shape of a per-feature array reshaped to broadcast against ``x``."""
   return tuple(x_shape[a] if a in axes else 1 for a in range(x_ndim))
+
+
+def num_features_shape(num_features: Any) -> tuple[int]:
+  """``(num_features,)`` for a module's parameters, or raises naming it.
+
+  Same exception type and text as flax's modules for a negative size (jax's
+  broadcast error), followed by the argument's name.
+  """
+  if not is_int(num_features):
+    raise TypeError(
+      f"`num_features` must be an int, got {num_features!r} of type "
+      f"{type(num_features).__name__}."
+    )
+  if num_features < 0:
+    raise TypeError(
+      "broadcast_in_dim shape must have every element be nonnegative, got "
+      f"({int(num_features)},). `num_features` must be positive."
+    )
+  return (int(num_features),)
+
+
+_CHECKIFY = contextvars.ContextVar("jaxnorm_checkify", default=False)
+
+
+@contextlib.contextmanager
+def checkify_checks(enabled: bool = True) -> Iterator[None]:
+  """Within this context, layers traced add ``checkify`` checks.
+
+  The checks (a NaN or Inf in ``x`` where it enters the statistics, in the
+  statistics themselves, in a traced ``epsilon`` or ``momentum``, or one out
+  of range) become named errors when the function is transformed by
+  ``jax.experimental.checkify.checkify``. Off by default: a check that is
+  not functionalized by ``checkify`` fails under ``jit``. Checks are added
+  at trace time, so trace (call or ``jit``) inside the context.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from jax.experimental import checkify
+    >>> import jaxnorm as jn
+    >>> params, state = jn.batch_norm_init(2)
+    >>> def f(x):
+    ...   return jn.batch_norm(x, params, state, use_running_average=False)[0]
+    >>> x = jnp.array([[1.0, jnp.nan], [2.0, 3.0]])
+    >>> with jn.checkify_checks():
+    ...   err, _ = checkify.checkify(jax.jit(f))(x)
+    >>> print(err.get())  # doctest: +ELLIPSIS
+    jaxnorm: `x` holds NaN or Inf ...
+  """
+  token = _CHECKIFY.set(bool(enabled))
+  try:
+    yield
+  finally:
+    _CHECKIFY.reset(token)
+
+
+def traced_check(name: str, value: Any, *, low: float = -math.inf, high=math.inf):
+  """Under :func:`checkify_checks`, checks that ``value`` is finite and in
+  ``[low, high]`` at run time, naming ``name``."""
+  if not _CHECKIFY.get() or value is None:
+    return
+  value = jnp.asarray(value)
+  if not jnp.issubdtype(value.dtype, jnp.inexact):
+    return
+  checkify.check(
+    jnp.all(jnp.isfinite(value)), f"jaxnorm: `{name}` holds NaN or Inf (layer input)"
+  )
+  if low > -math.inf or high < math.inf:
+    real = jnp.real(value)
+    checkify.check(
+      jnp.all((real >= low) & (real <= high)),
+      f"jaxnorm: `{name}` is outside [{low}, {high}]",
+    )

@@ -11,7 +11,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from jaxnorm import _checks, _stats
-from jaxnorm._batch_norm import _as_shape
+from jaxnorm._batch_norm import _as_shape, _ema, check_batch_size
 from jaxnorm._group_norm import resolve_groups
 
 
@@ -99,11 +99,7 @@ def evonorm_s0_init(
 
 
 def _check_bool(use_running_average):
-  if not isinstance(use_running_average, bool):
-    raise TypeError(
-      "`use_running_average` must be a Python bool (it selects the code "
-      f"path at trace time), got {type(use_running_average).__name__}."
-    )
+  use_running_average = _checks.as_bool(use_running_average, "use_running_average")
 
 
 def _affine(y, scale, bias, dtype):
@@ -183,10 +179,10 @@ def evonorm_b0(
   x = _real(_checks.check_input(x))
   _check_bool(use_running_average)
   c, fshape, bshape = _channel_axis(x, axis)
-  scale = _checks.check_param(params.scale, fshape, "params.scale")
-  bias = _checks.check_param(params.bias, fshape, "params.bias")
-  v = _checks.check_param(params.v, fshape, "params.v")
-  var_state = _checks.check_param(state.var, fshape, "state.var")
+  scale = _checks.check_param(params.scale, fshape, "params.scale", x.dtype)
+  bias = _checks.check_param(params.bias, fshape, "params.bias", x.dtype)
+  v = _checks.check_param(params.v, fshape, "params.v", x.dtype)
+  var_state = _checks.check_param(state.var, fshape, "state.var", x.dtype)
   mask = _checks.check_mask(mask, x.shape)
   cdtype = _checks.compute_dtype(x.dtype, dtype)
   out_dtype = x.dtype if dtype is None else jnp.dtype(dtype)
@@ -202,14 +198,16 @@ def evonorm_b0(
     new_state = state
   else:
     batch_axes = tuple(a for a in range(x.ndim) if a != c)
-    var_b = _stats.moments(
+    check_batch_size(x.shape, batch_axes, axis_name, axis_index_groups, mask)
+    m_b = _stats.moments(
       x, batch_axes, mask=mask, use_mean=True, sync=sync, dtype=cdtype
-    ).var
-    new_state = EvoNormB0State(
-      var=(momentum * var_state + (1.0 - momentum) * var_b.reshape(fshape)).astype(
-        var_state.dtype
-      )
     )
+    var_b = m_b.var
+    seen = jnp.broadcast_to(m_b.count, var_b.shape).reshape(fshape) > 0
+    new_state = EvoNormB0State(
+      var=_ema(var_state, var_b.reshape(fshape), momentum, seen)
+    )
+  epsilon = _checks.check_hyper(epsilon, "epsilon")
   xf = x.astype(cdtype)
   den = jnp.maximum(
     jnp.sqrt(var_b + epsilon),
@@ -230,11 +228,16 @@ def _b(p, bshape):
 
 
 def _channel_axis(x, axis):
-  (c,) = _checks.canonicalize_axes(x.ndim, axis, "axis")
+  c = _checks.single_axis(x.ndim, axis, "axis")
   if x.ndim < 2 or c == 0:
     raise ValueError(
       f"`axis`={axis} must name a channel axis other than the batch axis 0 of "
       f"`x` (got `x` of shape {x.shape})."
+    )
+  if any(x.shape[a] == 0 for a in range(1, x.ndim)):
+    raise ValueError(
+      f"`x` of shape {x.shape} has an empty axis besides the batch axis: "
+      "there is nothing to normalize over."
     )
   return c, (x.shape[c],), _checks.broadcast_shape(x.ndim, x.shape, (c,))
 
@@ -297,9 +300,9 @@ def evonorm_s0(
   c, fshape, bshape = _channel_axis(x, axis)
   channels = x.shape[c]
   groups = resolve_groups(channels, num_groups, group_size)
-  scale = _checks.check_param(params.scale, fshape, "params.scale")
-  bias = _checks.check_param(params.bias, fshape, "params.bias")
-  v = _checks.check_param(params.v, fshape, "params.v")
+  scale = _checks.check_param(params.scale, fshape, "params.scale", x.dtype)
+  bias = _checks.check_param(params.bias, fshape, "params.bias", x.dtype)
+  v = _checks.check_param(params.v, fshape, "params.v", x.dtype)
   mask = _checks.check_mask(mask, x.shape)
   cdtype = _checks.compute_dtype(x.dtype, dtype)
   out_dtype = x.dtype if dtype is None else jnp.dtype(dtype)
@@ -313,7 +316,7 @@ def evonorm_s0(
     dtype=cdtype,
     groups=(c, groups),
   )
-  inv = lax.rsqrt(m.var + epsilon)
+  inv = lax.rsqrt(m.var + _checks.check_hyper(epsilon, "epsilon"))
   xf = x.astype(cdtype)
   y = xf * jax.nn.sigmoid(v.astype(cdtype).reshape(bshape) * xf) * inv
   return _affine(y, _b(scale, bshape), _b(bias, bshape), cdtype).astype(out_dtype)

@@ -148,10 +148,10 @@ def filter_response_norm(
   raxes = tuple(a for a in range(1, x.ndim) if a not in faxes)
   fshape = _checks.feature_shape(x.shape, faxes)
   bshape = _checks.broadcast_shape(x.ndim, x.shape, faxes)
-  scale = _checks.check_param(params.scale, fshape, "params.scale")
-  bias = _checks.check_param(params.bias, fshape, "params.bias")
-  tau = _checks.check_param(params.tau, fshape, "params.tau")
-  eps = _checks.check_param(params.eps, fshape, "params.eps")
+  scale = _checks.check_param(params.scale, fshape, "params.scale", x.dtype)
+  bias = _checks.check_param(params.bias, fshape, "params.bias", x.dtype)
+  tau = _checks.check_param(params.tau, fshape, "params.tau", x.dtype)
+  eps = _checks.check_param(params.eps, fshape, "params.eps", x.dtype)
   if use_tlu and tau is None:
     raise ValueError(
       "`use_tlu=True` needs `params.tau`; create it with "
@@ -168,7 +168,7 @@ def filter_response_norm(
     epsilon = epsilon + jnp.abs(eps.reshape(bshape).astype(stats_dtype))
   # nu^2 is the uncentred second moment: normalize_over without the mean,
   # which has no cancellation to guard against.
-  y, _, _ = _stats.normalize_over(
+  y, *_ = _stats.normalize_over(
     x,
     axes=raxes,
     scale=scale_b,

@@ -55,12 +55,14 @@ def resolve_groups(channels: int, num_groups: int | None, group_size: int | None
       f"group_size={group_size}."
     )
   if group_size is not None:
+    group_size = _checks.as_int(group_size, "group_size")
     if group_size <= 0 or channels % group_size:
       raise ValueError(
         f"`group_size`={group_size} does not divide the number of channels "
         f"({channels})."
       )
     return channels // group_size
+  num_groups = _checks.as_int(num_groups, "num_groups")
   if num_groups <= 0 or channels % num_groups:
     raise ValueError(
       f"The number of channels ({channels}) is not divisible by "
@@ -136,7 +138,7 @@ def group_norm(
     True
   """
   x = _checks.check_input(x)
-  (c,) = _checks.canonicalize_axes(x.ndim, axis, "axis")
+  c = _checks.single_axis(x.ndim, axis, "axis")
   channels = x.shape[c]
   groups = resolve_groups(channels, num_groups, group_size)
   if reduction_axes is None:
@@ -149,12 +151,17 @@ def group_norm(
         f"`axis`={axis}."
       )
     raxes = tuple(a for a in raxes if a != c)
-  scale = _checks.check_param(params.scale, (channels,), "params.scale")
-  bias = _checks.check_param(params.bias, (channels,), "params.bias")
+  if any(x.shape[a] == 0 for a in raxes):
+    raise ValueError(
+      f"`x` of shape {x.shape} is empty along a reduced axis {raxes}: there "
+      "is nothing to normalize over."
+    )
+  scale = _checks.check_param(params.scale, (channels,), "params.scale", x.dtype)
+  bias = _checks.check_param(params.bias, (channels,), "params.bias", x.dtype)
   mask = _checks.check_mask(mask, x.shape)
 
   bshape = _checks.broadcast_shape(x.ndim, x.shape, (c,))
-  y, _, _ = _stats.normalize_over(
+  y, *_ = _stats.normalize_over(
     x,
     axes=raxes,
     scale=None if scale is None else scale.reshape(bshape),
@@ -226,10 +233,10 @@ def instance_norm(
   raxes = tuple(a for a in range(1, x.ndim) if a not in faxes)
   fshape = _checks.feature_shape(x.shape, faxes)
   bshape = _checks.broadcast_shape(x.ndim, x.shape, faxes)
-  scale = _checks.check_param(params.scale, fshape, "params.scale")
-  bias = _checks.check_param(params.bias, fshape, "params.bias")
+  scale = _checks.check_param(params.scale, fshape, "params.scale", x.dtype)
+  bias = _checks.check_param(params.bias, fshape, "params.bias", x.dtype)
   mask = _checks.check_mask(mask, x.shape)
-  y, _, _ = _stats.normalize_over(
+  y, *_ = _stats.normalize_over(
     x,
     axes=raxes,
     scale=None if scale is None else scale.reshape(bshape),

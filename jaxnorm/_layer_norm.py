@@ -93,10 +93,10 @@ def _feature_norm(
   faxes = _checks.canonicalize_axes(x.ndim, feature_axes, "feature_axes")
   fshape = _checks.feature_shape(x.shape, faxes)
   bshape = _checks.broadcast_shape(x.ndim, x.shape, faxes)
-  scale = _checks.check_param(params.scale, fshape, "params.scale")
-  bias = _checks.check_param(params.bias, fshape, "params.bias")
+  scale = _checks.check_param(params.scale, fshape, "params.scale", x.dtype)
+  bias = _checks.check_param(params.bias, fshape, "params.bias", x.dtype)
   mask = _checks.check_mask(mask, x.shape)
-  y, _, _ = _stats.normalize_over(
+  y, *_ = _stats.normalize_over(
     x,
     axes=raxes,
     scale=None if scale is None else scale.reshape(bshape),

@@ -67,10 +67,7 @@ def moving_average_batch_norm_init(
     ((4, 3), Array([1., 1., 1.], dtype=float32))
   """
   shape = _as_shape(num_features, "num_features")
-  if (
-    not isinstance(buffer_size, int) or isinstance(buffer_size, bool) or buffer_size < 1
-  ):
-    raise ValueError(f"`buffer_size` must be a positive int, got {buffer_size!r}.")
+  buffer_size = _checks.as_int(buffer_size, "buffer_size", least=1)
   params = NormParams(
     scale=jnp.ones(shape, param_dtype) if use_scale else None,
     bias=jnp.zeros(shape, param_dtype) if use_bias else None,
@@ -288,17 +285,17 @@ def moving_average_batch_norm(
     ...                                     use_running_average=True)
   """
   x = _real(_checks.check_input(x), "x")
-  if not isinstance(use_running_average, bool):
-    raise TypeError(
-      "`use_running_average` must be a Python bool (it selects the code "
-      f"path at trace time), got {type(use_running_average).__name__}."
-    )
-  (c,) = _checks.canonicalize_axes(x.ndim, axis, "axis")
+  use_running_average = _checks.as_bool(use_running_average, "use_running_average")
+  c = _checks.single_axis(x.ndim, axis, "axis")
+  epsilon = _checks.check_hyper(epsilon, "epsilon")
+  momentum = _checks.check_hyper(momentum, "momentum", high=1.0)
+  r_max = _checks.check_hyper(r_max, "r_max", low=1.0)
+  renorm_warmup_steps = _checks.as_int(renorm_warmup_steps, "renorm_warmup_steps")
   fshape = (x.shape[c],)
   bshape = _checks.broadcast_shape(x.ndim, x.shape, (c,))
-  scale = _checks.check_param(params.scale, fshape, "params.scale")
-  bias = _checks.check_param(params.bias, fshape, "params.bias")
-  var = _checks.check_param(state.var, fshape, "state.var")
+  scale = _checks.check_param(params.scale, fshape, "params.scale", x.dtype)
+  bias = _checks.check_param(params.bias, fshape, "params.bias", x.dtype)
+  var = _checks.check_param(state.var, fshape, "state.var", x.dtype)
   if jnp.ndim(state.second_moments) != 2:
     raise ValueError(
       "`state.second_moments` must have shape (buffer_size, C), got "
@@ -306,10 +303,10 @@ def moving_average_batch_norm(
     )
   buffer_size = jnp.shape(state.second_moments)[0]
   second_moments = _checks.check_param(
-    state.second_moments, (buffer_size, *fshape), "state.second_moments"
+    state.second_moments, (buffer_size, *fshape), "state.second_moments", x.dtype
   )
   grad_moments = _checks.check_param(
-    state.grad_moments, (buffer_size, *fshape), "state.grad_moments"
+    state.grad_moments, (buffer_size, *fshape), "state.grad_moments", x.dtype
   )
   _checks.check_param(state.count, (), "state.count")
   mask = _checks.check_mask(mask, x.shape)
@@ -331,7 +328,8 @@ def moving_average_batch_norm(
   axes = tuple(a for a in range(x.ndim) if a != c)
   m = _stats.moments(x, axes, mask=mask, use_mean=False, sync=sync, dtype=stats_dtype)
   chi = lax.stop_gradient(m.var.reshape(fshape).astype(jnp.float32))
-  step = state.count.astype(jnp.int32)
+  # A negative count (a hand-made state) counts as a fresh one.
+  step = jnp.maximum(jnp.asarray(state.count).astype(jnp.int32), 0)
   slot = step % buffer_size
   n = jnp.minimum(step + 1, buffer_size).astype(jnp.float32)
   index = jnp.arange(buffer_size)
@@ -372,11 +370,21 @@ def moving_average_batch_norm(
     slot,
     n,
   )
+  # An empty batch (all masked, on every device) leaves the state as it was,
+  # its step count included.
+  seen = jnp.broadcast_to(m.count, m.var.shape).reshape(fshape) > 0
+  any_seen = jnp.any(seen)
   new_state = MovingAverageBatchNormState(
-    var=(momentum * var + (1.0 - momentum) * chi).astype(var.dtype),
-    second_moments=new_second.astype(second_moments.dtype),
+    var=_stats.select(
+      seen, (momentum * var + (1.0 - momentum) * chi).astype(var.dtype), var
+    ),
+    second_moments=_stats.select(
+      any_seen, new_second.astype(second_moments.dtype), second_moments
+    ),
     grad_moments=grad_moments,
-    count=(step + 1).astype(jnp.asarray(state.count).dtype),
+    count=jnp.where(any_seen, step + 1, state.count).astype(
+      jnp.asarray(state.count).dtype
+    ),
   )
   return y, new_state
 

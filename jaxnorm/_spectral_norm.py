@@ -103,6 +103,10 @@ def spectral_norm(
   flows through ``W`` in both ``w`` and ``sigma``. A ``sigma`` of exactly 0
   is replaced by 1.
 
+  A state ``u`` of zeros (or with a NaN or Inf) has no direction to
+  iterate from; it is replaced by the all-ones direction, so the layer
+  recovers within a few steps instead of never normalizing.
+
   Args:
     w: the weight, rank at least 2.
     state: ``SpectralNormState(u)``.
@@ -149,10 +153,15 @@ def spectral_norm(
 def _spectral_norm_with_sigma(w, state, *, n_steps, epsilon, update_stats):
   """:func:`spectral_norm` that also returns sigma (flax's modules store it)."""
   mat = _matrix(w)
-  u0 = _checks.check_param(state.u, (mat.shape[1],), "state.u")
-  u, v = _power_iteration(
-    lax.stop_gradient(mat), u0.astype(mat.dtype), n_steps, epsilon
-  )
+  u0 = _checks.check_param(state.u, (mat.shape[1],), "state.u", mat.dtype)
+  epsilon = _checks.check_hyper(epsilon, "epsilon")
+  u_start = u0.astype(mat.dtype)
+  # A zero (or non-finite) u has no direction to iterate from: restart from
+  # the all-ones direction, which is orthogonal to no singular vector of a
+  # generic matrix, instead of staying at 0 and never normalizing.
+  norm = jnp.sum(jnp.square(u_start))
+  u_start = jnp.where((norm > 0) & jnp.isfinite(norm), u_start, jnp.ones_like(u_start))
+  u, v = _power_iteration(lax.stop_gradient(mat), u_start, n_steps, epsilon)
   u, v = lax.stop_gradient(u), lax.stop_gradient(v)
   sigma = v @ mat @ u
   w_bar = (mat / jnp.where(sigma != 0, sigma, 1.0)).reshape(w.shape)

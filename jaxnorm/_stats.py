@@ -192,13 +192,19 @@ def local_moments(
   count = jnp.broadcast_to(count, jnp.broadcast_shapes(count.shape, (1,) * xf.ndim))
   safe = jnp.maximum(count, 1.0)
 
+  if mask is not None:
+    # Zeroed before any arithmetic, so that a NaN or Inf in a masked-out
+    # element reaches neither the statistics nor their gradient (a where
+    # after the arithmetic would give 0 * NaN in the backward pass).
+    xf = jnp.where(mask, xf, 0.0)
+
   def masked(v):
     return v if mask is None else jnp.where(mask, v, 0.0)
 
   if not use_mean:
     m2 = total(masked(abs_sq(xf)))
     return count, jnp.zeros_like(m2, dtype=xf.dtype), m2
-  mean = _saved(total(masked(xf)) / safe)
+  mean = _saved(total(xf) / safe)
   c = lax.stop_gradient(mean)
   m2 = total(masked(abs_sq(xf - c))) - count * abs_sq(mean - c)
   return count, mean, m2
@@ -296,9 +302,20 @@ def moments(
 # --- 3. Applying them, and what the backward pass keeps ----------------------
 
 
-def _apply(x, scale, bias, mean, inv, out_dtype, dtype):
+def _apply(x, scale, bias, mean, inv, out_dtype, dtype, mask=None):
   mul = inv if scale is None else inv * scale.astype(dtype)
-  y = (x.astype(dtype) - mean) * mul
+  xf = x.astype(dtype)
+  if mask is None:
+    y = (xf - mean) * mul
+  else:
+    # Masked-out elements are normalized too, and their cotangents reach the
+    # statistics; but one that is NaN or Inf (padding) must not turn the
+    # statistics' gradient into 0 * NaN when the loss masks it out: it takes
+    # the same value through a branch that holds the statistics constant.
+    bad = ~mask & ~jnp.isfinite(xf)
+    safe = (jnp.where(bad, 0.0, xf) - mean) * mul
+    frozen = (xf - lax.stop_gradient(mean)) * lax.stop_gradient(mul)
+    y = jnp.where(bad, frozen, safe)
   if bias is not None:
     y = y + bias.astype(dtype)
   return y.astype(out_dtype)
@@ -332,10 +349,15 @@ def normalize_over(
   renorm's ``r`` and ``d``).
 
   Returns:
-    ``(y, mean, var)``, the statistics with ``keepdims=True``; ``mean`` is
-    zero when ``use_mean`` is false (RMS normalization).
+    ``(y, mean, var, count)``, the statistics with ``keepdims=True``;
+    ``mean`` is zero when ``use_mean`` is false (RMS normalization), and
+    ``count`` is how many elements entered each row (0 for an empty batch,
+    whose statistics are then 0 and 0, never NaN).
   """
   sync = make_sync(axis_name, axis_index_groups)
+  epsilon = _checks.check_hyper(epsilon, "epsilon")
+  _checks.traced_check("epsilon", epsilon, low=0.0)
+  _checks.traced_check("x", x if mask is None else jnp.where(mask, x, 0))
 
   def run(x, scale, bias, mask, epsilon, affine_args):
     m = moments(
@@ -352,13 +374,17 @@ def normalize_over(
     inv = lax.rsqrt(var + epsilon)
     if affine is not None:
       scale, bias = affine(mean, var, scale, bias, *affine_args)
-    return _apply(x, scale, bias, mean, inv, out_dtype, dtype), mean, var
+    y = _apply(x, scale, bias, mean, inv, out_dtype, dtype, mask)
+    return y, mean, var, m.count
 
   # Reverse mode keeps x and the statistics named _SAVED, nothing full-size.
   # prevent_cse is off: there is no scan or loop here for it to protect, and
   # its optimization barriers would only stand between XLA and fusion.
   run = jax.checkpoint(run, policy=_POLICY, prevent_cse=False)
-  return run(x, scale, bias, mask, epsilon, tuple(affine_args))
+  y, mean, var, count = run(x, scale, bias, mask, epsilon, tuple(affine_args))
+  _checks.traced_check("mean", mean)
+  _checks.traced_check("var", var)
+  return y, mean, var, count
 
 
 def normalize_with(
@@ -373,6 +399,9 @@ def normalize_with(
   out_dtype: Any,
 ) -> jax.Array:
   """Applies given statistics: ``(x - mean) * rsqrt(var + epsilon) * scale + bias``."""
+  epsilon = _checks.check_hyper(epsilon, "epsilon")
+  for name, v in (("x", x), ("mean", mean), ("var", var), ("epsilon", epsilon)):
+    _checks.traced_check(name, v, low=0.0 if name in ("var", "epsilon") else -math.inf)
   inv = lax.rsqrt(jnp.asarray(var, dtype) + epsilon)
   return _apply(x, scale, bias, jnp.asarray(mean, dtype), inv, out_dtype, dtype)
 

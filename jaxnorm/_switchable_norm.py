@@ -158,11 +158,7 @@ def switchable_norm(
     >>> y_eval, _ = jn.switchable_norm(x, params, state, use_running_average=True)
   """
   x = _checks.check_input(x)
-  if not isinstance(use_running_average, bool):
-    raise TypeError(
-      "`use_running_average` must be a Python bool (it selects the code "
-      f"path at trace time), got {type(use_running_average).__name__}."
-    )
+  use_running_average = _checks.as_bool(use_running_average, "use_running_average")
   faxes = _checks.canonicalize_axes(x.ndim, axis, "axis")
   if 0 in faxes:
     raise ValueError(
@@ -170,12 +166,14 @@ def switchable_norm(
     )
   fshape = _checks.feature_shape(x.shape, faxes)
   bshape = _checks.broadcast_shape(x.ndim, x.shape, faxes)
-  scale = _checks.check_param(params.scale, fshape, "params.scale")
-  bias = _checks.check_param(params.bias, fshape, "params.bias")
-  mean_w = _checks.check_param(params.mean_weights, (3,), "params.mean_weights")
-  var_w = _checks.check_param(params.var_weights, (3,), "params.var_weights")
-  mean_state = _checks.check_param(state.mean, fshape, "state.mean")
-  var_state = _checks.check_param(state.var, fshape, "state.var")
+  scale = _checks.check_param(params.scale, fshape, "params.scale", x.dtype)
+  bias = _checks.check_param(params.bias, fshape, "params.bias", x.dtype)
+  mean_w = _checks.check_param(
+    params.mean_weights, (3,), "params.mean_weights", x.dtype
+  )
+  var_w = _checks.check_param(params.var_weights, (3,), "params.var_weights", x.dtype)
+  mean_state = _checks.check_param(state.mean, fshape, "state.mean", x.dtype)
+  var_state = _checks.check_param(state.var, fshape, "state.var", x.dtype)
   mask = _checks.check_mask(mask, x.shape)
   stats_dtype = _checks.compute_dtype(x.dtype, dtype)
   out_dtype = x.dtype if dtype is None else jnp.dtype(dtype)
@@ -196,9 +194,10 @@ def switchable_norm(
     check_batch_size(x.shape, bn_axes, axis_name, axis_index_groups, mask)
     m_bn = stats(bn_axes, _stats.make_sync(axis_name, axis_index_groups))
     mu_bn, var_bn = m_bn.mean, m_bn.var
+    seen = jnp.broadcast_to(m_bn.count, m_bn.mean.shape).reshape(fshape) > 0
     new_state = BatchNormState(
-      mean=_ema(mean_state, mu_bn.reshape(fshape), momentum),
-      var=_ema(var_state, var_bn.reshape(fshape), momentum),
+      mean=_ema(mean_state, mu_bn.reshape(fshape), momentum, seen),
+      var=_ema(var_state, var_bn.reshape(fshape), momentum, seen),
     )
   wm = jax.nn.softmax(mean_w.astype(stats_dtype))
   wv = jax.nn.softmax(var_w.astype(stats_dtype))

@@ -153,7 +153,7 @@ class BatchNorm(nnx.Module):
     force_float32_reductions: bool = True,
     virtual_batch_size: int | None = None,
   ):
-    shape = (num_features,)
+    shape = _checks.num_features_shape(num_features)
     self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
     self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
     self.scale: nnx.Param | None
@@ -320,7 +320,7 @@ class LayerNorm(nnx.Module):
     scale_metadata: Mapping[str, Any] = _NO_METADATA,
     force_float32_reductions: bool = True,
   ):
-    shape = (num_features,)
+    shape = _checks.num_features_shape(num_features)
     self.scale: nnx.Param | None
     if use_scale:
       self.scale = _make_param(scale_init, rngs, shape, param_dtype, scale_metadata)
@@ -437,7 +437,11 @@ class RMSNorm(nnx.Module):
     self.scale: nnx.Param | None
     if use_scale:
       self.scale = _make_param(
-        scale_init, rngs, (num_features,), param_dtype, scale_metadata
+        scale_init,
+        rngs,
+        _checks.num_features_shape(num_features),
+        param_dtype,
+        scale_metadata,
       )
     else:
       self.scale = nnx.data(None)
@@ -565,7 +569,7 @@ class GroupNorm(nnx.Module):
     self.num_groups = resolve_groups(num_features, num_groups, group_size)
     self.group_size = num_features // self.num_groups
     self.feature_axis = axis
-    shape = (num_features,)
+    shape = _checks.num_features_shape(num_features)
     self.scale: nnx.Param | None
     if use_scale:
       self.scale = _make_param(scale_init, rngs, shape, param_dtype, scale_metadata)
@@ -683,7 +687,7 @@ class InstanceNorm(nnx.Module):
     scale_metadata: Mapping[str, Any] = _NO_METADATA,
     force_float32_reductions: bool = True,
   ):
-    shape = (num_features,)
+    shape = _checks.num_features_shape(num_features)
     self.scale: nnx.Param | None
     if use_scale:
       self.scale = _make_param(scale_init, rngs, shape, param_dtype, scale_metadata)

@@ -20,6 +20,7 @@ from flax.linen import dtypes as flax_dtypes
 from jax.nn import initializers
 
 import jaxnorm as jn
+from jaxnorm import _checks
 from jaxnorm.linen._core import _as_inexact
 from jaxnorm.nnx._core import _value
 
@@ -104,7 +105,7 @@ class FilterResponseNorm(nnx.Module):
     eps_init: Initializer = _EPS_INIT,
     rngs: nnx.Rngs,
   ):
-    shape = (num_features,)
+    shape = _checks.num_features_shape(num_features)
     self.scale = _param(scale_init, use_scale, rngs, shape, param_dtype)
     self.bias = _param(bias_init, use_bias, rngs, shape, param_dtype)
     self.tau = _param(tau_init, use_tlu, rngs, shape, param_dtype)
@@ -155,7 +156,7 @@ class _RunningStatsNorm(nnx.Module):
     axis_index_groups: Any,
     rngs: nnx.Rngs,
   ):
-    shape = (num_features,)
+    shape = _checks.num_features_shape(num_features)
     self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
     self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
     self.scale = _param(scale_init, use_scale, rngs, shape, param_dtype)

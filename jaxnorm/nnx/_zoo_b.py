@@ -63,7 +63,7 @@ def _affine_params(
   num_features, rngs, param_dtype, use_scale, use_bias, scale_init, bias_init,
   scale_metadata, bias_metadata,
 ):  # fmt: skip
-  shape = (num_features,)
+  shape = _checks.num_features_shape(num_features)
   scale = (
     _make_param(scale_init, rngs, shape, param_dtype, scale_metadata)
     if use_scale
@@ -271,12 +271,16 @@ class EvoNormB0(_Stateful):
     axis_index_groups: Any = None,
     rngs: nnx.Rngs,
   ):
-    self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+    self.var = nnx.BatchStat(
+      jnp.ones(_checks.num_features_shape(num_features), jnp.float32)
+    )
     self.scale, self.bias = _affine_params(
       num_features, rngs, param_dtype, use_scale, use_bias, scale_init, bias_init,
       _NO_METADATA, _NO_METADATA,
     )  # fmt: skip
-    self.v = _make_param(v_init, rngs, (num_features,), param_dtype, _NO_METADATA)
+    self.v = _make_param(
+      v_init, rngs, _checks.num_features_shape(num_features), param_dtype, _NO_METADATA
+    )
     self.num_features = num_features
     self.use_running_average = use_running_average
     self.axis = axis
@@ -377,7 +381,9 @@ class EvoNormS0(nnx.Module):
       num_features, rngs, param_dtype, use_scale, use_bias, scale_init, bias_init,
       _NO_METADATA, _NO_METADATA,
     )  # fmt: skip
-    self.v = _make_param(v_init, rngs, (num_features,), param_dtype, _NO_METADATA)
+    self.v = _make_param(
+      v_init, rngs, _checks.num_features_shape(num_features), param_dtype, _NO_METADATA
+    )
     self.num_features = num_features
     self.num_groups = num_groups
     self.group_size = group_size
