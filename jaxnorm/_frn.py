@@ -163,6 +163,7 @@ def filter_response_norm(
   scale_b = None if scale is None else scale.reshape(bshape)
   bias_b = None if bias is None else bias.reshape(bshape)
 
+  epsilon = _checks.check_hyper(epsilon, "epsilon")
   if eps is not None:
     # The learned epsilon of the paper: |eps| is added to epsilon.
     epsilon = epsilon + jnp.abs(eps.reshape(bshape).astype(stats_dtype))

@@ -5,29 +5,34 @@ Read from top to bottom, this module answers three questions.
 
 **What the statistics are.** For ``x`` reduced over ``axes`` (one row per
 index of the kept axes), with ``count`` the number of elements that enter
-(``mask`` leaves some out):
+(``mask`` leaves some out), the corrected two-pass of Chan, Golub & LeVeque:
 
 .. code-block:: text
 
-  mean = sum(x) / count
-  c    = stop_gradient(mean)
-  var  = sum(|x - c|^2) / count - |mean - c|^2
+  c    = stop_gradient(sum(x) / count)         # first pass: a shift
+  dev  = sum(x - c)                            # second pass, small numbers
+  mean = c + dev / count
+  var  = (sum(|x - c|^2) - |dev|^2 / count) / count
 
-The second term of ``var`` is exactly zero in value, so ``var`` is the
-two-pass variance: no cancellation however large the mean (SPEC rule 5; the
-one-pass ``E[x^2] - E[x]^2`` loses every digit of ``1e4 + N(0, 1)`` in
-float32). Its derivatives are exact to every order, because
-``E[|x - c|^2] - |E[x] - c|^2`` equals ``E[|x|^2] - |E[x]|^2`` for *every*
-constant ``c``: holding ``c`` fixed loses nothing. Holding it fixed also
-means that no derivative reduces over ``x - mean`` a second time (the
-derivative of the plain two-pass would: a second, sequential all-reduce in
-every backward pass under data parallelism).
+The second pass works on ``x - c``, small numbers whatever the mean, so
+nothing cancels (SPEC rule 5; the one-pass ``E[x^2] - E[x]^2`` loses every
+digit of ``1e4 + N(0, 1)`` in float32), and ``dev`` corrects the rounding of
+the first pass's mean, which the plain two-pass would square into the
+variance (a relative error of ``(d / std)^2``, 1e-2 at ``1e6 + N(0, 1)``).
+The derivatives are exact to every order, because as functions of ``x``
+``c + E[x - c]`` is ``E[x]`` and ``E[|x - c|^2] - |E[x - c]|^2`` is
+``E[|x|^2] - |E[x]|^2`` for *every* constant ``c``: holding ``c`` fixed
+loses nothing. Holding it fixed also means that no derivative reduces over
+``x - mean`` a second time (the derivative of the plain two-pass would: a
+second, sequential all-reduce in every backward pass under data
+parallelism).
 
 **How devices are merged.**
 
 - Under SPMD ``jax.jit`` (no ``axis_name``) the arrays are global and the
   sums above are global sums: XLA inserts one all-reduce for ``sum(x)`` and
-  one for ``sum(|x - c|^2)``; the backward pass needs one more.
+  one for ``dev`` and ``sum(|x - c|^2)`` together; the backward pass needs
+  one more.
 - With ``axis_name`` (``pmap``, ``shard_map``, named ``vmap``), each device
   takes its own ``(count, mean, m2)`` and a single ``psum`` of one-hot slots
   gathers every device's triple; each device then merges them with Chan et
@@ -204,9 +209,15 @@ def local_moments(
   if not use_mean:
     m2 = total(masked(abs_sq(xf)))
     return count, jnp.zeros_like(m2, dtype=xf.dtype), m2
-  mean = _saved(total(xf) / safe)
-  c = lax.stop_gradient(mean)
-  m2 = total(masked(abs_sq(xf - c))) - count * abs_sq(mean - c)
+  # First pass: a shift c close to the mean. Second pass, over x - c (small
+  # numbers): the sum of deviations corrects the mean, and the sum of
+  # squares gives m2 (the corrected two-pass of Chan, Golub & LeVeque).
+  # c is saved too: the backward pass needs x - c, and recomputing c would
+  # cost a reduction (an all-reduce under data parallelism).
+  c = _saved(lax.stop_gradient(total(xf) / safe))
+  dev = total(masked(xf - c))
+  mean = _saved(c + dev / safe)
+  m2 = total(masked(abs_sq(xf - c))) - jnp.real(dev * jnp.conj(dev)) / safe
   return count, mean, m2
 
 
@@ -355,7 +366,8 @@ def normalize_over(
     whose statistics are then 0 and 0, never NaN).
   """
   sync = make_sync(axis_name, axis_index_groups)
-  epsilon = _checks.check_hyper(epsilon, "epsilon")
+  if getattr(epsilon, "ndim", 0) == 0:  # (FRN's learned epsilon is per channel)
+    epsilon = _checks.check_hyper(epsilon, "epsilon")
   _checks.traced_check("epsilon", epsilon, low=0.0)
   _checks.traced_check("x", x if mask is None else jnp.where(mask, x, 0))
 

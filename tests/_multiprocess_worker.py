@@ -1,21 +1,33 @@
 """One process of ``tests/test_multiprocess.py``: sync BN across processes.
 
-Run as ``python _multiprocess_worker.py PROCESS_ID NUM_PROCESSES PORT`` with
-``XLA_FLAGS=--xla_force_host_platform_device_count=2``. Every process builds
+Run as ``python _multiprocess_worker.py PROCESS_ID NUM_PROCESSES PORT [--die]``
+with ``XLA_FLAGS=--xla_force_host_platform_device_count=2``. Every process builds
 the same global batch from a fixed seed, feeds only its own rows with
 ``jax.make_array_from_process_local_data``, and checks what its devices hold
 against batch norm of the global batch in float64 NumPy. It prints ``OK`` and
 exits 0, or raises.
 
+With ``--die`` the process exits (status 1, no clean-up) once its arrays are
+built, just before the first cross-process collective, as a crashed peer
+would; the other processes go into the collective and are aborted by
+``jax.distributed`` (see ``HEARTBEAT_TIMEOUT_S``).
+
 Nothing runs at import (pytest's doctest collection imports this file).
 """
 
+import os
 import sys
 
 import numpy as np
 
 PER_DEVICE, HEIGHT, CHANNELS = 3, 2, 4
 EPSILON, MOMENTUM = 1e-5, 0.9
+# A process that stops sending heartbeats for this long is declared dead: the
+# coordinator (process 0) then aborts every process, and if process 0 itself
+# dies the others abort as soon as their connection to it drops. The abort is
+# a C++ fatal error (SIGABRT) that Python cannot catch, so a peer that dies in
+# a collective ends the survivors in about this long instead of hanging them.
+HEARTBEAT_TIMEOUT_S = 10
 
 
 def reference(x, scale, bias, g):
@@ -33,7 +45,7 @@ def reference(x, scale, bias, g):
   return y, mean, var, dx, (g * xhat).sum(0), g.sum(0)
 
 
-def main(process_id: int, num_processes: int, port: int) -> None:
+def main(process_id: int, num_processes: int, port: int, die: bool = False) -> None:
   import jax
 
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -41,8 +53,16 @@ def main(process_id: int, num_processes: int, port: int) -> None:
     f"127.0.0.1:{port}",
     num_processes=num_processes,
     process_id=process_id,
+    # Every wait is bounded (seconds; JAX's defaults are 300, 100 and 300):
+    # - initialization_timeout: how long initialize() waits for every process
+    #   to join; if one never starts, the others abort (SIGABRT) after this.
+    # - heartbeat_timeout_seconds: how long a process may miss heartbeats
+    #   before it is declared dead and every process is aborted (SIGABRT).
+    #   Too low and a process stalled by a loaded machine is declared dead.
+    # - shutdown_timeout_seconds: how long jax.distributed.shutdown() waits
+    #   at its barrier for the other processes.
     initialization_timeout=30,
-    heartbeat_timeout_seconds=10,
+    heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S,
     shutdown_timeout_seconds=10,
   )
   import jax.numpy as jnp
@@ -124,6 +144,10 @@ def main(process_id: int, num_processes: int, port: int) -> None:
     ]
   )
 
+  if die:
+    print(f"process {process_id}: dying before the collective", flush=True)
+    os._exit(1)  # no shutdown, no atexit: as a crash or a kill would
+  print(f"process {process_id}: entering the collectives", flush=True)
   for name, step in (("shard_map", shard_step), ("jit", spmd_step)):
     if name == "shard_map":
       y, new_state, (dx, dparams) = step(x_global, params, g_global)
@@ -152,4 +176,6 @@ def main(process_id: int, num_processes: int, port: int) -> None:
 
 
 if __name__ == "__main__":
-  main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
+  main(
+    int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), die="--die" in sys.argv[4:]
+  )

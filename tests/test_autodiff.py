@@ -503,7 +503,8 @@ def test_batch_norm_hessian_is_symmetric_and_matches_fd_of_the_gradient(x64):
 # --- What reverse mode keeps -------------------------------------------------
 
 BIG = (16, 8, 8, 32)
-# Statistics rows of each layer on BIG: a float32 mean and var are kept per row
+# Statistics rows of each layer on BIG: a float32 shift, mean and var are kept
+# per row
 # (group norm keeps its group statistics broadcast to the channels).
 ROWS = {
   "batch_norm-train": BIG[-1],
@@ -538,13 +539,13 @@ MEMORY = {
 def test_reverse_mode_keeps_x_and_statistics_only(name, dtype):
   """x (in its own dtype), a float32 mean and variance per statistics row,
   and the parameters: nothing else, and at most 1.1 x the bytes of x except
-  where a row is so short that its 8 bytes of statistics weigh more (layer
-  norm over 32 bfloat16 channels: 64 bytes of x per row, 1.13 x)."""
+  where a row is so short that its 12 bytes of statistics weigh more (layer
+  norm over 32 bfloat16 channels: 64 bytes of x per row, 1.19 x)."""
   x = jax.ShapeDtypeStruct(BIG, dtype)
   params = jn.NormParams(jnp.ones(BIG[-1]), jnp.zeros(BIG[-1]))
   nbytes = math.prod(BIG) * jnp.dtype(dtype).itemsize
   kept = _kept(MEMORY[name], x, params)
-  assert kept <= nbytes + 8 * ROWS[name] + 2 * 4 * BIG[-1], kept
+  assert kept <= nbytes + 12 * ROWS[name] + 2 * 4 * BIG[-1], kept
   row_bytes = nbytes / ROWS[name]
-  if row_bytes >= 80:
+  if row_bytes >= 128:
     assert kept <= 1.1 * nbytes, f"reverse mode keeps {kept / nbytes:.3f} x.nbytes"

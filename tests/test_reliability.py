@@ -442,7 +442,14 @@ def test_export_with_symbolic_batch(name, rank):
   f, init = EXPORTED[name]
   params, state = init(C)
   shape = (5, 3, 3, C) if rank == 4 else (5, C)
-  if rank == 2 and name in ("group", "instance", "evonorm_s0", "evonorm_b0", "frn"):
+  if rank == 2 and name in (
+    "group",
+    "instance",
+    "evonorm_s0",
+    "evonorm_b0",
+    "frn",
+    "ghost",
+  ):
     shape = (5, 2, C)  # these need an axis besides the batch and channels
   (b,) = jax.export.symbolic_shape("b")
   spec = jax.ShapeDtypeStruct((b,) + shape[1:], jnp.float32)
@@ -509,10 +516,11 @@ def test_checks_are_off_by_default():
 
 
 def _ref_var(x, mask=None):
+  shape = x.shape
   x = np.asarray(x, np.float64).reshape(-1, C)
   if mask is None:
     return x.var(0)
-  m = np.broadcast_to(np.asarray(mask), np.asarray(x).shape).reshape(-1, C)
+  m = np.broadcast_to(np.asarray(mask), shape).reshape(-1, C)
   return np.array([x[m[:, c], c].var() for c in range(C)])
 
 
@@ -555,25 +563,29 @@ def test_evonorm_s0_group_variance_at_1e6():
 
 
 def test_masked_layer_norm_gradient_at_1e4():
-  """Rows with 2 valid elements at 1e4: dx as accurate as unmasked float32."""
+  """Rows with 3 valid elements at 1e4: masked dx as accurate as plain float32
+  layer norm over those 3 elements (the issue measured 50 times worse)."""
   rng = np.random.default_rng(0)
-  x = 1e4 + rng.standard_normal((64, 8))
+  x = np.asarray(1e4 + rng.standard_normal((64, 8)), np.float32)
   mask = np.zeros((64, 8), bool)
-  mask[:, :2] = True
+  mask[:, :3] = True
   g = rng.standard_normal((64, 8))
   params = jn.NormParams(None, None)
-  dx = jax.grad(
-    lambda x: jnp.sum(jn.layer_norm(x, params, mask=mask, epsilon=1e-6) * g * mask)
-  )(jnp.asarray(x, jnp.float32))
-  # float64 reference: LN of the 2 valid elements, chain rule written out
-  xv = np.asarray(np.asarray(x, np.float32), np.float64)[:, :2]
-  gv = g[:, :2]
-  mu = xv.mean(1, keepdims=True)
-  var = xv.var(1, keepdims=True)
-  inv = 1 / np.sqrt(var + 1e-6)
-  xhat = (xv - mu) * inv
+
+  def grad(x, mask, g):
+    def loss(x):
+      y = jn.layer_norm(x, params, mask=mask, epsilon=1e-6)
+      return jnp.sum(y * g if mask is None else y * g * mask)
+
+    return np.asarray(jax.grad(loss)(jnp.asarray(x)), np.float64)
+
+  # float64 reference: LN of the 3 valid elements, chain rule written out
+  xv, gv = np.asarray(x[:, :3], np.float64), g[:, :3]
+  inv = 1 / np.sqrt(xv.var(1, keepdims=True) + 1e-6)
+  xhat = (xv - xv.mean(1, keepdims=True)) * inv
   ref = inv * (
     gv - gv.mean(1, keepdims=True) - xhat * (gv * xhat).mean(1, keepdims=True)
   )
-  err = np.abs(np.asarray(dx)[:, :2] - ref).max() / np.abs(ref).max()
-  assert err < 1e-3, err
+  err_masked = np.abs(grad(x, mask, g)[:, :3] - ref).max()
+  err_plain = np.abs(grad(x[:, :3], None, g[:, :3]) - ref).max()
+  assert err_masked <= 2.0 * err_plain + 1e-6, (err_masked, err_plain)
