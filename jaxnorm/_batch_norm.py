@@ -185,6 +185,7 @@ def batch_norm(
   """
   x = _checks.check_input(x)
   use_running_average = _checks.as_bool(use_running_average, "use_running_average")
+  momentum = _checks.check_hyper(momentum, "momentum", high=1.0)
   feature_axes = _checks.canonicalize_axes(x.ndim, axis, "axis")
   reduction_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
   fshape = _checks.feature_shape(x.shape, feature_axes)

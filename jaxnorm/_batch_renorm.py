@@ -204,6 +204,7 @@ def batch_renorm(
   """
   x = _checks.check_input(x)
   use_running_average = _checks.as_bool(use_running_average, "use_running_average")
+  momentum = _checks.check_hyper(momentum, "momentum", high=1.0)
   faxes = _checks.canonicalize_axes(x.ndim, axis, "axis")
   raxes = tuple(a for a in range(x.ndim) if a not in faxes)
   fshape = _checks.feature_shape(x.shape, faxes)

@@ -178,6 +178,7 @@ def evonorm_b0(
   """
   x = _real(_checks.check_input(x))
   _check_bool(use_running_average)
+  momentum = _checks.check_hyper(momentum, "momentum", high=1.0)
   c, fshape, bshape = _channel_axis(x, axis)
   scale = _checks.check_param(params.scale, fshape, "params.scale", x.dtype)
   bias = _checks.check_param(params.bias, fshape, "params.bias", x.dtype)

@@ -139,6 +139,8 @@ def group_norm(
   """
   x = _checks.check_input(x)
   c = _checks.single_axis(x.ndim, axis, "axis")
+  if c == 0 and x.ndim > 1:
+    raise ValueError(f"`axis`={axis} is axis 0, the batch axis of group norm.")
   channels = x.shape[c]
   groups = resolve_groups(channels, num_groups, group_size)
   if reduction_axes is None:

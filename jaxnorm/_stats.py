@@ -446,10 +446,12 @@ def select(pred: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
   """``where(pred, new, old)`` for a statistic ``new`` and a state ``old``.
 
   On an Explicit mesh a statistic may be sharded (over the channels) where
-  the state is replicated, and a select wants equal shardings; adding zeros
-  shaped like ``new`` gives ``old`` its sharding without changing a bit.
+  the state is replicated, and a select wants equal shardings; combining
+  ``old`` and ``pred`` with zeros shaped like ``new`` gives them its
+  sharding without changing a bit.
   """
-  return jnp.where(pred, new, old + jnp.zeros_like(new))
+  zeros = jnp.zeros_like(new)
+  return jnp.where(pred | (zeros != 0), new, old + zeros)
 
 
 def like(v: jax.Array | None, primal: jax.Array | None) -> jax.Array | None:

@@ -159,6 +159,7 @@ def switchable_norm(
   """
   x = _checks.check_input(x)
   use_running_average = _checks.as_bool(use_running_average, "use_running_average")
+  momentum = _checks.check_hyper(momentum, "momentum", high=1.0)
   faxes = _checks.canonicalize_axes(x.ndim, axis, "axis")
   if 0 in faxes:
     raise ValueError(

@@ -617,7 +617,7 @@ def test_ghost_errors():
   x = jnp.ones((6, 2, 3))
   with pytest.raises(ValueError, match="virtual_batch_size"):
     jn.batch_norm(x, p, s, use_running_average=False, virtual_batch_size=4)
-  with pytest.raises(TypeError, match="virtual_batch_size"):
+  with pytest.raises(ValueError, match="virtual_batch_size"):
     jn.batch_norm(x, p, s, use_running_average=False, virtual_batch_size=0)
   with pytest.raises(ValueError, match="virtual_batch_size"):
     jn.batch_norm(
