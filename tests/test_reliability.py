@@ -432,6 +432,24 @@ EXPORTED = {
 }
 
 
+EXPORTED.update(
+  {
+    f"{name}_eval": (
+      functools.partial(
+        lambda x, p, s, fn: fn(x, p, s, use_running_average=True), fn=fn
+      ),
+      init,
+    )
+    for name, fn, init in [
+      ("renorm", jn.batch_renorm, jn.batch_renorm_init),
+      ("switchable", jn.switchable_norm, jn.switchable_norm_init),
+      ("evonorm_b0", jn.evonorm_b0, jn.evonorm_b0_init),
+      ("mabn", jn.moving_average_batch_norm, jn.moving_average_batch_norm_init),
+    ]
+  }
+)
+
+
 def bn_export(x, p, s, eval_mode):
   return jn.batch_norm(x, p, s, use_running_average=eval_mode)
 
@@ -449,6 +467,7 @@ def test_export_with_symbolic_batch(name, rank):
     "evonorm_b0",
     "frn",
     "ghost",
+    "evonorm_b0_eval",
   ):
     shape = (5, 2, C)  # these need an axis besides the batch and channels
   (b,) = jax.export.symbolic_shape("b")
