@@ -309,6 +309,11 @@ def checkify_checks(enabled: bool = True) -> Iterator[None]:
     _CHECKIFY.reset(token)
 
 
+def checks_enabled() -> bool:
+  """Whether layers traced now add :func:`checkify_checks`'s checks."""
+  return _CHECKIFY.get()
+
+
 def traced_check(name: str, value: Any, *, low: float = -math.inf, high=math.inf):
   """Under :func:`checkify_checks`, checks that ``value`` is finite and in
   ``[low, high]`` at run time, naming ``name``."""

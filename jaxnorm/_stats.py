@@ -369,7 +369,8 @@ def normalize_over(
   if getattr(epsilon, "ndim", 0) == 0:  # (FRN's learned epsilon is per channel)
     epsilon = _checks.check_hyper(epsilon, "epsilon")
   _checks.traced_check("epsilon", epsilon, low=0.0)
-  _checks.traced_check("x", x if mask is None else jnp.where(mask, x, 0))
+  if _checks.checks_enabled():  # (the masked copy only when checking)
+    _checks.traced_check("x", x if mask is None else jnp.where(mask, x, 0))
 
   def run(x, scale, bias, mask, epsilon, affine_args):
     m = moments(
