@@ -44,6 +44,9 @@ from jaxnorm._types import BatchNormState as BatchNormState
 from jaxnorm._types import NormParams as NormParams
 from jaxnorm._weight_norm import weight_norm as weight_norm
 from jaxnorm._weight_norm import weight_norm_init as weight_norm_init
+from jaxnorm._fold import fold_batch_norm as fold_batch_norm
+from jaxnorm._torch_port import from_torch_state_dict as from_torch_state_dict
+from jaxnorm._types import TorchBatchNormState as TorchBatchNormState
 
 __version__ = "0.1.0"
 
@@ -57,6 +60,7 @@ __all__ = [
   "NormParams",
   "SpectralNormState",
   "SwitchableNormParams",
+  "TorchBatchNormState",
   "apply_mabn_grad_moments",
   "batch_norm",
   "batch_norm_init",
@@ -71,6 +75,8 @@ __all__ = [
   "evonorm_s0_init",
   "filter_response_norm",
   "filter_response_norm_init",
+  "fold_batch_norm",
+  "from_torch_state_dict",
   "group_norm",
   "group_norm_init",
   "instance_norm",

@@ -15,7 +15,7 @@ from jaxnorm._frn import FilterResponseNormParams
 from jaxnorm._mabn import MovingAverageBatchNormState
 from jaxnorm._spectral_norm import SpectralNormState
 from jaxnorm._switchable_norm import SwitchableNormParams
-from jaxnorm._types import BatchNormState, NormParams
+from jaxnorm._types import BatchNormState, NormParams, TorchBatchNormState
 
 REGISTERED = (
   BatchNormState,
@@ -26,6 +26,7 @@ REGISTERED = (
   NormParams,
   SpectralNormState,
   SwitchableNormParams,
+  TorchBatchNormState,
 )
 
 for _type in REGISTERED:

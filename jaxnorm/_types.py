@@ -29,3 +29,22 @@ class BatchNormState(NamedTuple):
 
   mean: jax.Array
   var: jax.Array
+
+
+class TorchBatchNormState(NamedTuple):
+  """Running statistics of batch norm with PyTorch's conventions.
+
+  Used by :func:`jaxnorm.batch_norm` with ``running_stats="torch"``; the
+  fields and their meaning are those of ``torch.nn.BatchNorm2d``'s buffers.
+
+  Attributes:
+    mean: running mean (``running_mean``), initialised to 0.
+    var: running *unbiased* variance (``running_var``), initialised to 1.
+    num_batches_tracked: int32 scalar, the number of training calls so far
+      (``num_batches_tracked``); with ``momentum=None`` the running
+      statistics are the cumulative average over these batches.
+  """
+
+  mean: jax.Array
+  var: jax.Array
+  num_batches_tracked: jax.Array

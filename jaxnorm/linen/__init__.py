@@ -13,6 +13,11 @@ from jaxnorm.linen._core import LayerNorm as LayerNorm
 from jaxnorm.linen._core import RMSNorm as RMSNorm
 from jaxnorm.linen._factory import NORM_NAMES as NORM_NAMES
 from jaxnorm.linen._factory import make_norm as make_norm
+from jaxnorm.linen._fold import fold_batch_norm as fold_batch_norm
+from jaxnorm.linen._frozen import FrozenBatchNorm as FrozenBatchNorm
+from jaxnorm.linen._frozen import freeze_batch_norm as freeze_batch_norm
+from jaxnorm.linen._frozen import unfreeze_batch_norm as unfreeze_batch_norm
+from jaxnorm.linen._precise import recompute_batch_stats as recompute_batch_stats
 from jaxnorm.linen._zoo_a import BatchRenorm as BatchRenorm
 from jaxnorm.linen._zoo_a import FilterResponseNorm as FilterResponseNorm
 from jaxnorm.linen._zoo_a import SwitchableNorm as SwitchableNorm
@@ -28,6 +33,7 @@ __all__ = [
   "EvoNormB0",
   "EvoNormS0",
   "FilterResponseNorm",
+  "FrozenBatchNorm",
   "GroupNorm",
   "InstanceNorm",
   "LayerNorm",
@@ -37,5 +43,9 @@ __all__ = [
   "SpectralNorm",
   "SwitchableNorm",
   "WeightNorm",
+  "fold_batch_norm",
+  "freeze_batch_norm",
   "make_norm",
+  "recompute_batch_stats",
+  "unfreeze_batch_norm",
 ]

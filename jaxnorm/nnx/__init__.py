@@ -13,6 +13,11 @@ from jaxnorm.nnx._core import LayerNorm as LayerNorm
 from jaxnorm.nnx._core import RMSNorm as RMSNorm
 from jaxnorm.nnx._factory import NORM_NAMES as NORM_NAMES
 from jaxnorm.nnx._factory import make_norm as make_norm
+from jaxnorm.nnx._fold import fold_batch_norm as fold_batch_norm
+from jaxnorm.nnx._frozen import FrozenBatchNorm as FrozenBatchNorm
+from jaxnorm.nnx._frozen import freeze_batch_norm as freeze_batch_norm
+from jaxnorm.nnx._frozen import unfreeze_batch_norm as unfreeze_batch_norm
+from jaxnorm.nnx._precise import recompute_batch_stats as recompute_batch_stats
 from jaxnorm.nnx._zoo_a import BatchRenorm as BatchRenorm
 from jaxnorm.nnx._zoo_a import FilterResponseNorm as FilterResponseNorm
 from jaxnorm.nnx._zoo_a import SwitchableNorm as SwitchableNorm
@@ -29,6 +34,7 @@ __all__ = [
   "EvoNormB0",
   "EvoNormS0",
   "FilterResponseNorm",
+  "FrozenBatchNorm",
   "GradMoments",
   "GroupNorm",
   "InstanceNorm",
@@ -39,5 +45,9 @@ __all__ = [
   "SpectralNorm",
   "SwitchableNorm",
   "WeightNorm",
+  "fold_batch_norm",
+  "freeze_batch_norm",
   "make_norm",
+  "recompute_batch_stats",
+  "unfreeze_batch_norm",
 ]
