@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jaxnorm import _checks, _stats
-from jaxnorm._types import BatchNormState, NormParams
+from jaxnorm._types import BatchNormState, NormParams, TorchBatchNormState
 
 
 def _as_shape(num_features: int | Sequence[int], name: str) -> tuple[int, ...]:
@@ -38,7 +38,8 @@ def batch_norm_init(
   use_scale: bool = True,
   use_bias: bool = True,
   param_dtype: Any = jnp.float32,
-) -> tuple[NormParams, BatchNormState]:
+  running_stats: str = "flax",
+) -> tuple[NormParams, BatchNormState | TorchBatchNormState]:
   """Creates batch-norm parameters and running statistics.
 
   Needs no RNG key, no data and no named axis.
@@ -49,10 +50,15 @@ def batch_norm_init(
     use_scale: whether to create ``scale`` (ones); otherwise it is ``None``.
     use_bias: whether to create ``bias`` (zeros); otherwise it is ``None``.
     param_dtype: dtype of ``scale`` and ``bias``. The state is float32.
+    running_stats: ``"flax"`` (the default) for a ``BatchNormState``;
+      ``"torch"`` for a :class:`jaxnorm.TorchBatchNormState`, which also
+      counts ``num_batches_tracked`` (int32, 0), for
+      :func:`batch_norm` with ``running_stats="torch"``.
 
   Returns:
     ``(params, state)``: ``NormParams(scale, bias)`` of shape ``(C,)`` and
-    ``BatchNormState(mean=zeros, var=ones)`` of shape ``(C,)``.
+    ``BatchNormState(mean=zeros, var=ones)`` of shape ``(C,)`` (or the
+    ``TorchBatchNormState`` with ``num_batches_tracked=0``).
 
   Examples:
     >>> import jaxnorm as jn
@@ -65,10 +71,19 @@ def batch_norm_init(
     scale=jnp.ones(shape, param_dtype) if use_scale else None,
     bias=jnp.zeros(shape, param_dtype) if use_bias else None,
   )
-  state = BatchNormState(
-    mean=jnp.zeros(shape, jnp.float32), var=jnp.ones(shape, jnp.float32)
-  )
-  return params, state
+  mean, var = jnp.zeros(shape, jnp.float32), jnp.ones(shape, jnp.float32)
+  if check_running_stats(running_stats) == "torch":
+    return params, TorchBatchNormState(mean, var, jnp.zeros((), jnp.int32))
+  return params, BatchNormState(mean, var)
+
+
+def check_running_stats(running_stats: Any) -> str:
+  """``"flax"`` or ``"torch"``, or raises naming ``running_stats``."""
+  if running_stats not in ("flax", "torch"):
+    raise ValueError(
+      f'`running_stats` must be "flax" or "torch", got {running_stats!r}.'
+    )
+  return running_stats
 
 
 def batch_norm(
@@ -86,7 +101,8 @@ def batch_norm(
   dtype: Any = None,
   force_float32_reductions: bool = True,
   virtual_batch_size: int | None = None,
-) -> tuple[jax.Array, BatchNormState]:
+  running_stats: str = "flax",
+) -> tuple[jax.Array, BatchNormState | TorchBatchNormState]:
   r"""Batch normalization: per channel, over every other axis of the batch.
 
   In training (``use_running_average=False``) the mean ``mu`` and the biased
@@ -119,6 +135,29 @@ def batch_norm(
   restricts that to groups of devices. Under ``jax.jit`` with sharded
   inputs no ``axis_name`` is needed.
 
+  **PyTorch's running statistics** (``running_stats="torch"``, with a
+  :class:`jaxnorm.TorchBatchNormState` from
+  ``batch_norm_init(..., running_stats="torch")``) reproduce
+  ``torch.nn.BatchNorm2d``'s buffers step for step. The normalization is the
+  same; only the update differs:
+
+  .. math::
+    \mathrm{mean}' = (1 - f) \cdot \mathrm{mean} + f \cdot \mu, \qquad
+    \mathrm{var}' = (1 - f) \cdot \mathrm{var}
+        + f \cdot \sigma^2 \frac{n}{n - 1}
+
+  with PyTorch's meaning of ``momentum``: ``f = momentum`` is the weight of
+  the *new* batch (pass ``momentum=0.1``, PyTorch's default), and
+  ``momentum=None`` is the cumulative average ``f = 1 / t`` over the
+  ``t = num_batches_tracked`` training calls so far, counted in the state.
+  The running variance is the unbiased one, with ``n`` the number of
+  elements per channel (summed over the devices of ``axis_name`` and over
+  the batch shards under SPMD ``jit``, as ``SyncBatchNorm`` does; masked
+  elements do not count; a channel with ``n = 1`` adds its biased variance,
+  0, where PyTorch would divide by zero). A batch with nothing in it counts
+  no batch and leaves the state as it was. Ghost batches
+  (``virtual_batch_size``) have no PyTorch counterpart and are refused.
+
   **Ghost batch norm** (Hoffer et al., 2017, "Train longer, generalize
   better"): with ``virtual_batch_size=k``, axis 0 is split into ``N // k``
   consecutive groups of ``k`` samples and each group is normalized with its
@@ -140,7 +179,9 @@ def batch_norm(
       (evaluation), ``False`` to use and update batch statistics (training).
     axis: the channel axis (or axes), kept; every other axis is reduced.
       ``-1`` for NHWC, ``1`` for NCHW.
-    momentum: weight of the old running statistics.
+    momentum: weight of the old running statistics (with
+      ``running_stats="torch"``: PyTorch's weight of the new batch, or
+      ``None`` for the cumulative average).
     epsilon: added to the variance inside the square root.
     axis_name: named axis to reduce the statistics over, or ``None``.
     axis_index_groups: optional groups of indices along ``axis_name``.
@@ -152,6 +193,9 @@ def batch_norm(
       input dtype instead of at least float32 (flax's flag of that name).
     virtual_batch_size: ``k`` for ghost batch norm, or ``None`` (plain BN,
       the default). ``k`` must divide ``x.shape[0]``.
+    running_stats: ``"flax"`` (the default; the conventions above) or
+      ``"torch"`` (PyTorch's running statistics, described above; ``state``
+      must then be a :class:`jaxnorm.TorchBatchNormState`).
 
   Returns:
     ``(y, new_state)``: ``y`` of the shape of ``x``, and the updated state
@@ -182,10 +226,27 @@ def batch_norm(
     ...     x, params, state, use_running_average=False, virtual_batch_size=4)
     >>> bool(jnp.allclose(y[:4].mean((0, 1, 2)), 0.0, atol=1e-5))
     True
+
+    PyTorch's running statistics (``momentum=None``: cumulative average):
+
+    >>> params, state = jn.batch_norm_init(3, running_stats="torch")
+    >>> y, state = jn.batch_norm(x, params, state, use_running_average=False,
+    ...                          momentum=None, running_stats="torch")
+    >>> int(state.num_batches_tracked)
+    1
   """
   x = _checks.check_input(x)
   use_running_average = _checks.as_bool(use_running_average, "use_running_average")
-  momentum = _checks.check_hyper(momentum, "momentum", high=1.0)
+  torch_stats = check_running_stats(running_stats) == "torch"
+  if torch_stats:
+    _check_torch_state(state)
+    if virtual_batch_size is not None:
+      raise ValueError(
+        '`running_stats="torch"` cannot be combined with `virtual_batch_size`: '
+        "PyTorch has no ghost batch norm whose running statistics to match."
+      )
+  if not (torch_stats and momentum is None):
+    momentum = _checks.check_hyper(momentum, "momentum", high=1.0)
   feature_axes = _checks.canonicalize_axes(x.ndim, axis, "axis")
   reduction_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
   fshape = _checks.feature_shape(x.shape, feature_axes)
@@ -244,12 +305,59 @@ def batch_norm(
     dtype=stats_dtype,
     out_dtype=out_dtype,
   )
-  seen = jnp.broadcast_to(count, mean.shape).reshape(fshape) > 0
+  count = jnp.broadcast_to(count, mean.shape).reshape(fshape)
+  seen = count > 0
+  mean, var = mean.reshape(fshape), var.reshape(fshape)
+  if torch_stats:
+    return y, _torch_update(state, mean, var, count, momentum)
   new_state = BatchNormState(
-    mean=_ema(mean_state, mean.reshape(fshape), momentum, seen),
-    var=_ema(var_state, var.reshape(fshape), momentum, seen),
+    mean=_ema(mean_state, mean, momentum, seen),
+    var=_ema(var_state, var, momentum, seen),
   )
   return y, new_state
+
+
+def _check_torch_state(state: Any) -> None:
+  if not isinstance(state, TorchBatchNormState):
+    raise TypeError(
+      '`running_stats="torch"` needs `state` to be a jaxnorm.TorchBatchNormState '
+      "(mean, var, num_batches_tracked), from "
+      f'`batch_norm_init(..., running_stats="torch")`; got {type(state).__name__}.'
+    )
+  tracked = jnp.asarray(state.num_batches_tracked)
+  if tracked.ndim != 0 or not jnp.issubdtype(tracked.dtype, jnp.integer):
+    raise TypeError(
+      "`state.num_batches_tracked` must be an integer scalar, got "
+      f"{tracked.dtype} of shape {tracked.shape}."
+    )
+
+
+def _torch_update(
+  state: TorchBatchNormState,
+  mean: jax.Array,
+  var: jax.Array,
+  count: jax.Array,
+  momentum: Any,
+) -> TorchBatchNormState:
+  """PyTorch's running-statistics update (see :func:`batch_norm`)."""
+  seen = count > 0
+  any_seen = jnp.any(seen)
+  tracked = state.num_batches_tracked
+  tracked = tracked + any_seen.astype(tracked.dtype)
+  if momentum is None:
+    # PyTorch's cumulative average: the t-th batch has weight 1/t.
+    factor = 1.0 / jnp.maximum(tracked, 1).astype(jnp.float32)
+  else:
+    factor = momentum
+  # Bessel's correction with the count over every device; n = 1 keeps the
+  # biased variance (0) rather than dividing by zero.
+  unbiased = var * (count / jnp.maximum(count - 1.0, 1.0))
+  old_weight = 1.0 - factor
+  return TorchBatchNormState(
+    mean=_ema(state.mean, mean, old_weight, seen),
+    var=_ema(state.var, unbiased, old_weight, seen),
+    num_batches_tracked=tracked,
+  )
 
 
 def check_batch_size(

@@ -19,7 +19,8 @@ from flax.linen import dtypes as flax_dtypes
 from jax.nn import initializers
 
 import jaxnorm as jn
-from jaxnorm import _checks
+from jaxnorm import _checks, _precise
+from jaxnorm._batch_norm import check_running_stats
 
 Axes = int | Sequence[int]
 Dtype = Any
@@ -57,6 +58,33 @@ def _out_dtype(x: Any, *params: Any, dtype: Dtype | None) -> Any:
 def _reduced_size(shape: tuple[int, ...], feature_axes: tuple[int, ...]) -> int:
   """How many values per channel batch norm reduces over (on one device)."""
   return math.prod(d for a, d in enumerate(shape) if a not in feature_axes)
+
+
+def record_moments(
+  module: nn.Module, x: jax.Array, axis: Axes, mask: Any, use_running_average: bool
+) -> None:
+  """Records the moments of a training call for ``recompute_batch_stats``.
+
+  Only when the caller made the moments collection mutable: an ordinary
+  training step computes nothing more.
+  """
+  if (
+    use_running_average
+    or module.is_initializing()
+    or not module.is_mutable_collection(_precise.COLLECTION)
+  ):
+    return
+  rows = _precise.batch_moments(
+    _as_inexact(x, jnp.float32),
+    axis=axis,
+    mask=mask,
+    axis_name=module.axis_name,
+    axis_index_groups=module.axis_index_groups,
+  )
+  previous = None
+  if module.has_variable(_precise.COLLECTION, "moments"):
+    previous = module.get_variable(_precise.COLLECTION, "moments")
+  module.put_variable(_precise.COLLECTION, "moments", _precise.record(previous, rows))
 
 
 def _feature_shape(x: jax.Array, axes: Axes, name: str) -> tuple[int, ...]:
@@ -122,6 +150,11 @@ class BatchNorm(nn.Module):
     virtual_batch_size: jaxnorm extension: ``k`` for ghost batch norm
       (Hoffer et al. 2017), statistics of each group of ``k`` samples;
       ``None`` for plain batch norm.
+    running_stats: jaxnorm extension: ``"flax"`` (the default), or
+      ``"torch"`` for PyTorch's running statistics (unbiased running
+      variance, ``momentum`` as PyTorch's weight of the new batch, e.g.
+      ``0.1``, or ``None`` for the cumulative average), with an int32
+      ``batch_stats/num_batches_tracked``; see :func:`jaxnorm.batch_norm`.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -141,7 +174,7 @@ class BatchNorm(nn.Module):
 
   use_running_average: bool | None = None
   axis: Axes = -1
-  momentum: float = 0.99
+  momentum: float | None = 0.99
   epsilon: float = 1e-5
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
@@ -154,6 +187,7 @@ class BatchNorm(nn.Module):
   use_fast_variance: bool = True
   force_float32_reductions: bool = True
   virtual_batch_size: int | None = None
+  running_stats: str = "flax"
 
   @nn.compact
   def __call__(
@@ -191,6 +225,13 @@ class BatchNorm(nn.Module):
     ra_var = self.variable(
       "batch_stats", "var", lambda s: jnp.ones(s, stats_dtype), feature_shape
     )
+    state = jn.BatchNormState(ra_mean.value, ra_var.value)
+    torch_stats = check_running_stats(self.running_stats) == "torch"
+    if torch_stats:
+      tracked = self.variable(
+        "batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32)
+      )
+      state = jn.TorchBatchNormState(*state, tracked.value)
     scale, bias = _affine_params(self, feature_shape)
     out_dtype = _out_dtype(x, scale, bias, dtype=self.dtype)
     x = _as_inexact(x, out_dtype)
@@ -206,7 +247,7 @@ class BatchNorm(nn.Module):
     y, new_state = jn.batch_norm(
       x,
       jn.NormParams(scale, bias),
-      jn.BatchNormState(ra_mean.value, ra_var.value),
+      state,
       use_running_average=use_running_average,
       axis=feature_axes,
       momentum=self.momentum,
@@ -217,11 +258,15 @@ class BatchNorm(nn.Module):
       mask=mask,
       dtype=out_dtype,
       force_float32_reductions=self.force_float32_reductions,
+      running_stats=self.running_stats,
       **extra,
     )
     if not use_running_average and not initializing:
       ra_mean.value = new_state.mean
       ra_var.value = new_state.var
+      if torch_stats:
+        tracked.value = new_state.num_batches_tracked
+    record_moments(self, x, feature_axes, mask, use_running_average)
     return y
 
 

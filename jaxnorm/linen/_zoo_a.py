@@ -19,7 +19,13 @@ from jax.nn import initializers
 
 import jaxnorm as jn
 from jaxnorm import _checks
-from jaxnorm.linen._core import _affine_params, _as_inexact, _out_dtype, _reduced_size
+from jaxnorm.linen._core import (
+  _affine_params,
+  _as_inexact,
+  _out_dtype,
+  _reduced_size,
+  record_moments,
+)
 
 Axes = int | Sequence[int]
 Dtype = Any
@@ -222,6 +228,7 @@ class SwitchableNorm(_RunningStatsNorm):
       **sync,
     )
     self._store(mean, var, new_state, use_ra)
+    record_moments(self, x, self.axis, mask, use_ra)
     return y
 
 
@@ -312,4 +319,5 @@ class BatchRenorm(_RunningStatsNorm):
       **sync,
     )
     self._store(mean, var, new_state, use_ra)
+    record_moments(self, x, self.axis, mask, use_ra)
     return y

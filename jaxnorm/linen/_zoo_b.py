@@ -20,7 +20,7 @@ from jax.nn import initializers
 import jaxnorm as jn
 from jaxnorm import _checks
 from jaxnorm._spectral_norm import SpectralNormState, _spectral_norm_with_sigma
-from jaxnorm.linen._core import _affine_params, _as_inexact, _out_dtype
+from jaxnorm.linen._core import _affine_params, _as_inexact, _out_dtype, record_moments
 
 Dtype = Any
 Initializer = Any
@@ -155,6 +155,7 @@ class MovingAverageBatchNorm(nn.Module):
       for name, value in new_state._asdict().items():
         if name != "grad_moments":
           state[name].value = value
+    record_moments(self, x, self.axis, mask, use_running_average)
     return y
 
 
@@ -252,6 +253,7 @@ class EvoNormB0(nn.Module):
     )
     if not use_running_average and not initializing:
       ra_var.value = new_state.var
+    record_moments(self, x, self.axis, mask, use_running_average)
     return y
 
 

@@ -20,7 +20,8 @@ from flax import nnx
 from flax.nnx.nn import dtypes as nnx_dtypes
 
 import jaxnorm as jn
-from jaxnorm import _checks
+from jaxnorm import _checks, _precise
+from jaxnorm._batch_norm import check_running_stats
 from jaxnorm._group_norm import resolve_groups
 from jaxnorm.linen._core import _as_inexact
 
@@ -40,6 +41,31 @@ def _make_param(
   metadata: Mapping[str, Any],
 ) -> nnx.Param:
   return nnx.Param(init(rngs.params(), shape, dtype), **metadata)
+
+
+class BatchMoments(nnx.Variable):
+  """``(3, C)`` rows ``count, mean, m2`` that ``recompute_batch_stats`` reads.
+
+  Set on a layer only while ``recompute_batch_stats`` runs; not a
+  ``BatchStat``, so filters of the model's state never see it.
+  """
+
+
+def record_moments(
+  module: nnx.Module, x: jax.Array, axis: Axes, mask: Any, use_running_average: bool
+) -> None:
+  """Records the moments of a training call for ``recompute_batch_stats``."""
+  sink = vars(module).get("_jaxnorm_moments")
+  if use_running_average or sink is None:
+    return
+  rows = _precise.batch_moments(
+    _as_inexact(x, jnp.float32),
+    axis=axis,
+    mask=mask,
+    axis_name=module.axis_name,
+    axis_index_groups=module.axis_index_groups,
+  )
+  sink[...] = _precise.merge_rows(sink[...], rows.astype(sink[...].dtype))
 
 
 def _value(variable: Any) -> jax.Array | None:
@@ -113,6 +139,12 @@ class BatchNorm(nnx.Module):
       computed in the input dtype (the running averages stay float32).
     virtual_batch_size: jaxnorm extension: ``k`` for ghost batch norm
       (Hoffer et al. 2017); ``None`` for plain batch norm.
+    running_stats: jaxnorm extension: ``"flax"`` (the default), or
+      ``"torch"`` for PyTorch's running statistics (unbiased running
+      variance, ``momentum`` as PyTorch's weight of the new batch, e.g.
+      ``0.1``, or ``None`` for the cumulative average) with an int32
+      ``num_batches_tracked`` ``nnx.BatchStat``; see
+      :func:`jaxnorm.batch_norm`.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -135,7 +167,7 @@ class BatchNorm(nnx.Module):
     *,
     use_running_average: bool | None = False,
     axis: int = -1,
-    momentum: float = 0.99,
+    momentum: float | None = 0.99,
     epsilon: float = 1e-5,
     dtype: Dtype | None = None,
     param_dtype: Dtype = jnp.float32,
@@ -152,10 +184,13 @@ class BatchNorm(nnx.Module):
     scale_metadata: Mapping[str, Any] = _NO_METADATA,
     force_float32_reductions: bool = True,
     virtual_batch_size: int | None = None,
+    running_stats: str = "flax",
   ):
     shape = _checks.num_features_shape(num_features)
     self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
     self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
+    if check_running_stats(running_stats) == "torch":
+      self.num_batches_tracked = nnx.BatchStat(jnp.zeros((), jnp.int32))
     self.scale: nnx.Param | None
     if use_scale:
       self.scale = _make_param(scale_init, rngs, shape, param_dtype, scale_metadata)
@@ -181,6 +216,7 @@ class BatchNorm(nnx.Module):
     self.promote_dtype = promote_dtype
     self.force_float32_reductions = force_float32_reductions
     self.virtual_batch_size = virtual_batch_size
+    self.running_stats = running_stats
 
   def __call__(
     self,
@@ -223,10 +259,13 @@ class BatchNorm(nnx.Module):
     extra = {}
     if self.virtual_batch_size is not None:
       extra["virtual_batch_size"] = self.virtual_batch_size
+    state = jn.BatchNormState(mean, var)
+    if self.running_stats == "torch":
+      state = jn.TorchBatchNormState(mean, var, self.num_batches_tracked[...])
     y, new_state = jn.batch_norm(
       x,
       jn.NormParams(scale, bias),
-      jn.BatchNormState(mean, var),
+      state,
       use_running_average=bool(use_running_average),
       axis=self.axis,
       momentum=self.momentum,
@@ -236,12 +275,16 @@ class BatchNorm(nnx.Module):
       mask=mask,
       dtype=out_dtype,
       force_float32_reductions=self.force_float32_reductions,
+      running_stats=self.running_stats,
       **extra,
     )
     if not use_running_average:
       # The running averages are state, never differentiated through.
       self.mean[...] = jax.lax.stop_gradient(new_state.mean)
       self.var[...] = jax.lax.stop_gradient(new_state.var)
+      if self.running_stats == "torch":
+        self.num_batches_tracked[...] = new_state.num_batches_tracked
+    record_moments(self, x, self.axis, mask, bool(use_running_average))
     return y
 
   def set_view(self, use_running_average: bool | None = None):

@@ -22,7 +22,7 @@ from jax.nn import initializers
 import jaxnorm as jn
 from jaxnorm import _checks
 from jaxnorm.linen._core import _as_inexact
-from jaxnorm.nnx._core import _value
+from jaxnorm.nnx._core import _value, record_moments
 
 Axes = int | Sequence[int]
 Dtype = Any
@@ -283,6 +283,7 @@ class SwitchableNorm(_RunningStatsNorm):
       dtype=out_dtype,
     )
     self._store(new_state, use_ra)
+    record_moments(self, x, self.axis, mask, use_ra)
     return y
 
 
@@ -404,4 +405,5 @@ class BatchRenorm(_RunningStatsNorm):
       dtype=out_dtype,
     )
     self._store(new_state, use_ra)
+    record_moments(self, x, self.axis, mask, use_ra)
     return y

@@ -21,7 +21,7 @@ import jaxnorm as jn
 from jaxnorm import _checks
 from jaxnorm._spectral_norm import SpectralNormState, _spectral_norm_with_sigma
 from jaxnorm.linen._core import _as_inexact
-from jaxnorm.nnx._core import _NO_METADATA, _make_param, _value
+from jaxnorm.nnx._core import _NO_METADATA, _make_param, _value, record_moments
 
 Dtype = Any
 Initializer = Any
@@ -212,6 +212,7 @@ class MovingAverageBatchNorm(_Stateful):
       self.var[...] = jax.lax.stop_gradient(new_state.var)
       self.second_moments[...] = jax.lax.stop_gradient(new_state.second_moments)
       self.count[...] = new_state.count
+    record_moments(self, x, self.axis, mask, use_running_average)
     return y
 
 
@@ -326,6 +327,7 @@ class EvoNormB0(_Stateful):
     )
     if not use_running_average:
       self.var[...] = jax.lax.stop_gradient(new_state.var)
+    record_moments(self, x, self.axis, mask, use_running_average)
     return y
 
 
