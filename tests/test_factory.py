@@ -27,6 +27,7 @@ LINEN = {
   "mabn": (jnn.MovingAverageBatchNorm, {}),
   "evonorm_b0": (jnn.EvoNormB0, {}),
   "evonorm_s0": (jnn.EvoNormS0, {"num_groups": 2}),
+  "frozen_batch": (jnn.FrozenBatchNorm, {}),
 }
 
 NNX = {
@@ -43,6 +44,7 @@ NNX = {
   "mabn": jnx.MovingAverageBatchNorm,
   "evonorm_b0": jnx.EvoNormB0,
   "evonorm_s0": jnx.EvoNormS0,
+  "frozen_batch": jnx.FrozenBatchNorm,
 }
 
 _NEEDS_TRAIN_FLAG = {

@@ -6,7 +6,7 @@ from typing import Any
 
 import flax.linen as nn
 
-from jaxnorm.linen import _core, _zoo_a, _zoo_b
+from jaxnorm.linen import _core, _frozen, _zoo_a, _zoo_b
 
 
 def _sync_batch(**kwargs: Any) -> nn.Module:
@@ -38,6 +38,7 @@ _LAYERS = {
   "mabn": _zoo_b.MovingAverageBatchNorm,
   "evonorm_b0": _zoo_b.EvoNormB0,
   "evonorm_s0": _zoo_b.EvoNormS0,
+  "frozen_batch": _frozen.FrozenBatchNorm,
 }
 
 NORM_NAMES = tuple(_LAYERS)
@@ -53,7 +54,12 @@ def make_norm(name: str, **kwargs: Any) -> nn.Module:
   Names: ``"batch"``, ``"sync_batch"`` (needs ``axis_name``),
   ``"ghost_batch"`` (needs ``virtual_batch_size``), ``"layer"``, ``"rms"``,
   ``"group"``, ``"instance"``, ``"frn"``, ``"switchable"``,
-  ``"batch_renorm"``, ``"mabn"``, ``"evonorm_b0"``, ``"evonorm_s0"``.
+  ``"batch_renorm"``, ``"mabn"``, ``"evonorm_b0"``, ``"evonorm_s0"``,
+  ``"frozen_batch"`` (:class:`jaxnorm.linen.FrozenBatchNorm`: fixed
+  statistics and affine, all in ``batch_stats``; it takes ``"batch"``'s
+  arguments, so a config can switch between the two; load trained
+  variables with :func:`jaxnorm.linen.freeze_batch_norm`, and name the
+  layer, since flax's automatic names differ between the two classes).
 
   Args:
     name: one of the names above (case-insensitive, ``-`` or ``_``).
@@ -72,6 +78,9 @@ def make_norm(name: str, **kwargs: Any) -> nn.Module:
     >>> variables = norm.init(jax.random.key(0), jnp.ones((2, 8, 8, 16)))
     >>> variables["params"]["scale"].shape
     (16,)
+    >>> frozen = jnn.make_norm("frozen_batch", momentum=0.9)  # no params
+    >>> sorted(frozen.init(jax.random.key(0), jnp.ones((2, 16))))
+    ['batch_stats']
   """
   key = str(name).lower().replace("-", "_")
   if key not in _LAYERS:

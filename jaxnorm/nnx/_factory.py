@@ -6,7 +6,7 @@ from typing import Any
 
 from flax import nnx
 
-from jaxnorm.nnx import _core, _zoo_a, _zoo_b
+from jaxnorm.nnx import _core, _frozen, _zoo_a, _zoo_b
 
 
 def _sync_batch(num_features: int, **kwargs: Any) -> nnx.Module:
@@ -38,6 +38,7 @@ _LAYERS = {
   "mabn": _zoo_b.MovingAverageBatchNorm,
   "evonorm_b0": _zoo_b.EvoNormB0,
   "evonorm_s0": _zoo_b.EvoNormS0,
+  "frozen_batch": _frozen.FrozenBatchNorm,
 }
 
 NORM_NAMES = tuple(_LAYERS)
@@ -53,7 +54,10 @@ def make_norm(
   (needs ``axis_name``), ``"ghost_batch"`` (needs ``virtual_batch_size``),
   ``"layer"``, ``"rms"``, ``"group"``, ``"instance"``, ``"frn"``,
   ``"switchable"``, ``"batch_renorm"``, ``"mabn"``, ``"evonorm_b0"``,
-  ``"evonorm_s0"``.
+  ``"evonorm_s0"``, ``"frozen_batch"`` (:class:`jaxnorm.nnx.FrozenBatchNorm`:
+  fixed statistics and affine, all ``nnx.BatchStat``; it takes
+  ``"batch"``'s arguments; :func:`jaxnorm.nnx.freeze_batch_norm` swaps the
+  layers of a built model instead).
 
   Args:
     name: the layer's name (case-insensitive, ``-`` or ``_``).
@@ -74,6 +78,9 @@ def make_norm(
     >>> norm = jnx.make_norm("layer", 16, rngs=nnx.Rngs(0))
     >>> norm(jnp.ones((2, 16))).shape
     (2, 16)
+    >>> frozen = jnx.make_norm("frozen_batch", 16, rngs=nnx.Rngs(0))
+    >>> len(nnx.state(frozen, nnx.Param)), len(nnx.state(frozen, nnx.BatchStat))
+    (0, 4)
   """
   key = str(name).lower().replace("-", "_")
   if key not in _LAYERS:
