@@ -21,7 +21,8 @@ from jax.nn import initializers
 
 import jaxnorm as jn
 from jaxnorm import _checks
-from jaxnorm.linen._core import _as_inexact, _out_dtype
+from jaxnorm._description import as_inexact as _as_inexact
+from jaxnorm._description import out_dtype as _out_dtype
 
 Axes = int | Sequence[int]
 Dtype = Any

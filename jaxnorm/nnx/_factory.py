@@ -6,7 +6,8 @@ from typing import Any
 
 from flax import nnx
 
-from jaxnorm.nnx import _core, _frozen, _zoo_a, _zoo_b
+from jaxnorm.nnx import _frozen
+from jaxnorm.nnx import _normalization as _layers
 
 
 def _sync_batch(num_features: int, **kwargs: Any) -> nnx.Module:
@@ -15,29 +16,29 @@ def _sync_batch(num_features: int, **kwargs: Any) -> nnx.Module:
       "make_norm('sync_batch') needs `axis_name`, the named device axis the "
       "batch statistics are reduced over."
     )
-  return _core.BatchNorm(num_features, **kwargs)
+  return _layers.BatchNorm(num_features, **kwargs)
 
 
 def _ghost_batch(num_features: int, **kwargs: Any) -> nnx.Module:
   if kwargs.get("virtual_batch_size") is None:
     raise ValueError("make_norm('ghost_batch') needs `virtual_batch_size`.")
-  return _core.BatchNorm(num_features, **kwargs)
+  return _layers.BatchNorm(num_features, **kwargs)
 
 
 _LAYERS = {
-  "batch": _core.BatchNorm,
+  "batch": _layers.BatchNorm,
   "sync_batch": _sync_batch,
   "ghost_batch": _ghost_batch,
-  "layer": _core.LayerNorm,
-  "rms": _core.RMSNorm,
-  "group": _core.GroupNorm,
-  "instance": _core.InstanceNorm,
-  "frn": _zoo_a.FilterResponseNorm,
-  "switchable": _zoo_a.SwitchableNorm,
-  "batch_renorm": _zoo_a.BatchRenorm,
-  "mabn": _zoo_b.MovingAverageBatchNorm,
-  "evonorm_b0": _zoo_b.EvoNormB0,
-  "evonorm_s0": _zoo_b.EvoNormS0,
+  "layer": _layers.LayerNorm,
+  "rms": _layers.RMSNorm,
+  "group": _layers.GroupNorm,
+  "instance": _layers.InstanceNorm,
+  "frn": _layers.FilterResponseNorm,
+  "switchable": _layers.SwitchableNorm,
+  "batch_renorm": _layers.BatchRenorm,
+  "mabn": _layers.MovingAverageBatchNorm,
+  "evonorm_b0": _layers.EvoNormB0,
+  "evonorm_s0": _layers.EvoNormS0,
   "frozen_batch": _frozen.FrozenBatchNorm,
 }
 

@@ -8,7 +8,7 @@ from flax import nnx
 
 from jaxnorm import _checks
 from jaxnorm._fold import fold
-from jaxnorm.nnx._core import BatchNorm
+from jaxnorm.nnx._normalization import BatchNorm
 
 # Exact classes: a subclass may change the computation (``nnx.LoRALinear``
 # adds a low-rank term that a rescaled kernel would not cover).

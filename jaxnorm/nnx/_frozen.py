@@ -19,9 +19,11 @@ from flax.nnx import graphlib
 from flax.nnx.nn import dtypes as nnx_dtypes
 
 import jaxnorm as jn
-from jaxnorm import _checks
-from jaxnorm.linen._core import _as_inexact
-from jaxnorm.nnx._core import _NO_METADATA, BatchNorm, _value
+from jaxnorm import _checks, _description
+from jaxnorm._description import _NO_METADATA
+from jaxnorm._description import as_inexact as _as_inexact
+from jaxnorm.nnx._build import _value
+from jaxnorm.nnx._normalization import BatchNorm
 
 Dtype = Any
 Initializer = Any
@@ -227,11 +229,15 @@ class FrozenBatchNorm(nnx.Module):
           f"{self.num_features}), but `x` of shape {x.shape} with `axis`="
           f"{self.axis} implies {feature_shape}."
         )
-    x, mean, var, scale, bias = self.promote_dtype(
-      (x, self.mean[...], self.var[...], _value(self.scale), _value(self.bias)),
-      dtype=self.dtype,
-    )
-    out_dtype = nnx_dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype)
+    values = (
+      x, self.mean[...], self.var[...], _value(self.scale), _value(self.bias)
+    )  # fmt: skip
+    if self.promote_dtype is not _description.PROMOTE_DTYPE.default:
+      values = self.promote_dtype(values, dtype=self.dtype)  # as BatchNorm does
+    x, mean, var, scale, bias = values
+    # The output dtype of jaxnorm.nnx.BatchNorm in evaluation (see its
+    # description): flax.nnx promotes with the running statistics too.
+    out_dtype = _description.out_dtype(x, scale, bias, mean, var, dtype=self.dtype)
     y, _ = jn.batch_norm(
       _as_inexact(x, out_dtype),
       jn.NormParams(scale, bias),

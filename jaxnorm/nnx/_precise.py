@@ -11,9 +11,14 @@ from flax import nnx
 
 from jaxnorm import _precise
 from jaxnorm._progress import progress as _progress
-from jaxnorm.nnx._core import BatchMoments, BatchNorm
-from jaxnorm.nnx._zoo_a import BatchRenorm, SwitchableNorm
-from jaxnorm.nnx._zoo_b import EvoNormB0, MovingAverageBatchNorm
+from jaxnorm.nnx._build import BatchMoments
+from jaxnorm.nnx._normalization import (
+  BatchNorm,
+  BatchRenorm,
+  EvoNormB0,
+  MovingAverageBatchNorm,
+  SwitchableNorm,
+)
 
 _LAYERS = (BatchNorm, BatchRenorm, SwitchableNorm, EvoNormB0, MovingAverageBatchNorm)
 

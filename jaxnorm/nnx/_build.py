@@ -1,0 +1,258 @@
+"""Builds a ``flax.nnx`` module from a layer's description.
+
+What only nnx needs: ``__init__(num_features, *, ..., rngs)`` creating the
+variables eagerly as ``nnx.Param`` / ``nnx.BatchStat`` of flax.nnx's shapes
+(flat ``(num_features,)``), reshaping them to the features of the input at
+call time, ``train()`` / ``eval()`` / ``nnx.view``, and the sink that
+``recompute_batch_stats`` reads. Everything else is in
+:mod:`jaxnorm._description`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxnorm import _checks, _description, _precise
+
+
+class GradMoments(nnx.BatchStat):
+  """MABN's ring buffer of backward statistics (a ``BatchStat``).
+
+  The backward pass writes it through its gradient: select it with
+  ``nnx.DiffState(0, nnx.Any(nnx.Param, GradMoments))`` and apply the
+  gradient with :func:`jaxnorm.apply_mabn_grad_moments`.
+  """
+
+
+class BatchMoments(nnx.Variable):
+  """``(3, C)`` rows ``count, mean, m2`` that ``recompute_batch_stats`` reads.
+
+  Set on a layer only while ``recompute_batch_stats`` runs; not a
+  ``BatchStat``, so filters of the model's state never see it.
+  """
+
+
+_TYPES = {"grad_moments": GradMoments}
+
+
+def record_moments(
+  module: nnx.Module, x: jax.Array, axis: Any, mask: Any, training: bool
+) -> None:
+  """Records the moments of a training call for ``recompute_batch_stats``."""
+  sink = vars(module).get("_jaxnorm_moments")
+  if not training or sink is None:
+    return
+  rows = _precise.batch_moments(
+    _description.as_inexact(x, jnp.float32),
+    axis=axis,
+    mask=mask,
+    axis_name=module.axis_name,
+    axis_index_groups=module.axis_index_groups,
+  )
+  sink[...] = _precise.merge_rows(sink[...], rows.astype(sink[...].dtype))
+
+
+def _value(variable: Any) -> jax.Array | None:
+  return None if variable is None else variable[...]
+
+
+def _init_signature(layer) -> inspect.Signature:
+  P = inspect.Parameter
+  params = [
+    P("self", P.POSITIONAL_OR_KEYWORD),
+    P("num_features", P.POSITIONAL_OR_KEYWORD),
+  ]
+  fields = layer.fields_for("nnx")
+  params += [
+    P(f.name, P.POSITIONAL_OR_KEYWORD, default=f.default_for("nnx"))
+    for f in fields
+    if f.positional
+  ]
+  params += [
+    P(f.name, P.KEYWORD_ONLY, default=f.default_for("nnx"))
+    for f in fields
+    if not f.positional
+  ]
+  params.append(P("rngs", P.KEYWORD_ONLY))
+  return inspect.Signature(params)
+
+
+def _init(self, layer, signature, args, kwargs) -> None:
+  bound = signature.bind(self, *args, **kwargs)
+  bound.apply_defaults()
+  arguments = dict(bound.arguments)
+  del arguments["self"]
+  rngs = arguments.pop("rngs")
+  features = _checks.num_features_shape(arguments["num_features"])
+  for name, value in arguments.items():
+    if not name.endswith("_metadata"):  # used once, below; not hashable
+      setattr(self, name, value)
+  for var in layer.variables:
+    if not var.when(self):
+      setattr(self, var.name, nnx.data(None))
+      continue
+    shape = var.shape(self, features)
+    init, dtype = var.init(self), var.dtype(self)
+    if var.collection == "params":
+      metadata = arguments.get(var.metadata) if var.metadata else None
+      value = init(rngs.params(), shape, dtype)
+      setattr(self, var.name, nnx.Param(value, **(metadata or {})))
+    else:
+      kind = _TYPES.get(var.nnx_type, nnx.BatchStat)
+      setattr(self, var.name, kind(init(None, shape, dtype)))
+  if layer.nnx_setup is not None:
+    layer.nnx_setup(self)
+
+
+def _shaped(value: jax.Array | None, shape: tuple[int, ...], name: str, module):
+  """A flat ``(num_features,)`` variable reshaped to the features of ``x``."""
+  if value is None or value.shape == shape:
+    return value
+  if value.size != math.prod(shape):
+    raise ValueError(
+      f"`num_features`={module.num_features} does not match the input: its "
+      f"features have shape {shape} ({math.prod(shape)} values), but `{name}` "
+      f"holds {value.size}."
+    )
+  return value.reshape(shape)
+
+
+def _run(self, layer, x, training, mask, call_kwargs):
+  values = {var.name: _value(getattr(self, var.name)) for var in layer.variables}
+  promote = getattr(self, "promote_dtype", None)
+  if promote is not None and promote is not _description.PROMOTE_DTYPE.default:
+    # A user's promotion hook sees the input and the floating variables in
+    # flax's order ((x, mean, var, scale, bias) for BatchNorm). flax's own
+    # default is not called: ``dtype`` and the description already decide.
+    names = [
+      v.name for v in layer.variables if not jnp.issubdtype(v.dtype(self), jnp.integer)
+    ]
+    promoted = promote((x, *(values[n] for n in names)), dtype=self.dtype)
+    x = promoted[0]
+    values.update(zip(names, promoted[1:], strict=True))
+  x = jnp.asarray(x)
+  features = layer.features(self, x.shape)
+  flat = _checks.num_features_shape(self.num_features)
+  for var in layer.variables:
+    want = var.shape(self, features)
+    if var.shape(self, flat) != want:
+      values[var.name] = _shaped(values[var.name], want, var.name, self)
+  y, updates = layer.apply(
+    self,
+    x,
+    values,
+    training=training,
+    initializing=False,
+    mask=mask,
+    family="nnx",
+    **call_kwargs,
+  )
+  if training:
+    for name, value in updates.items():
+      variable = getattr(self, name)
+      value = jax.lax.stop_gradient(value)  # state, never differentiated
+      if not jnp.iscomplexobj(value):  # (flax keeps a complex mean complex)
+        value = value.astype(variable.dtype)
+      variable.set_value(value.reshape(variable.shape))
+  if layer.records_moments:
+    record_moments(self, x, self.axis, mask, training)
+  return y
+
+
+def _resolve(self, use_running_average):
+  if use_running_average is None:
+    use_running_average = self.use_running_average
+  if use_running_average is None:
+    raise ValueError(
+      f"No `use_running_average` was given to {type(self).__name__}: pass it "
+      "to the constructor or the call, or set it with `model.train()` / "
+      "`model.eval()` or `nnx.view(model, use_running_average=...)`."
+    )
+  return bool(use_running_average)
+
+
+def build(layer: _description.Layer) -> type[nnx.Module]:
+  """The ``nnx.Module`` subclass described by ``layer``."""
+  signature = _init_signature(layer)
+  call_names = tuple(f.name for f in layer.call_kwargs)
+
+  def __init__(self, *args, **kwargs):
+    _init(self, layer, signature, args, kwargs)
+
+  __init__.__signature__ = signature
+
+  if layer.stateful:
+
+    def __call__(self, x, use_running_average=None, *, mask=None, **kwargs):
+      unknown = set(kwargs) - set(call_names)
+      if unknown:
+        raise TypeError(f"{layer.name} got unexpected arguments {sorted(unknown)}.")
+      training = not _resolve(self, use_running_average)
+      return _run(self, layer, x, training, mask, kwargs)
+
+    def set_view(self, use_running_average: bool | None = None):
+      """Used by ``nnx.view``: sets ``use_running_average`` if given."""
+      if use_running_average is not None:
+        self.use_running_average = use_running_average
+
+  elif "nnx" in layer.positional_mask:
+
+    def __call__(self, x, mask=None):
+      return _run(self, layer, x, False, mask, {})
+
+    set_view = None
+
+  else:
+
+    def __call__(self, x, *, mask=None):
+      return _run(self, layer, x, False, mask, {})
+
+    set_view = None
+
+  from jaxnorm.linen._build import _CALL_DOC, _signature
+
+  __call__.__signature__ = _signature(
+    layer, layer.stateful, positional_mask="nnx" in layer.positional_mask
+  )
+  __call__.__doc__ = _CALL_DOC.format(
+    mode=" with batch (training) or running (evaluation) statistics"
+    if layer.stateful
+    else "",
+    ura="\n  use_running_average: if true, use the running statistics; if false, "
+    "use and\n    update those of the batch. Overrides the attribute."
+    if layer.stateful
+    else "",
+    extra="".join(f"\n  {f.name}: {f.doc}" for f in layer.call_kwargs),
+  )
+  namespace = {
+    "__module__": "jaxnorm.nnx",
+    "__qualname__": layer.name,
+    "__doc__": _description.docstring(
+      layer,
+      "nnx",
+      extra_args=(
+        (
+          "num_features",
+          "the number of features ``C`` (their product, for several feature axes).",
+        ),  # fmt: skip
+        ("rngs", "random keys for the initializers."),
+      ),
+    ),
+    "__init__": __init__,
+    "__call__": __call__,
+    "description": layer,
+  }
+  if set_view is not None:
+    namespace["set_view"] = set_view
+  cls = type(layer.name, (nnx.Module,), namespace)
+  # nnx's metaclass hides __init__'s signature from inspect and IDEs.
+  cls.__signature__ = signature.replace(
+    parameters=list(signature.parameters.values())[1:]
+  )
+  return cls
