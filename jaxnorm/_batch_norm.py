@@ -486,8 +486,12 @@ def _ema(
   was, rather than pulling it toward 0)."""
   momentum = _checks.check_hyper(momentum, "momentum", high=1.0)
   _checks.traced_check("momentum", momentum, low=0.0, high=1.0)
-  new = jnp.real(new) if not jnp.iscomplexobj(old) else new
-  out = (momentum * old + (1.0 - momentum) * new).astype(old.dtype)
+  dtype = old.dtype
+  if jnp.iscomplexobj(new) and not jnp.iscomplexobj(old):
+    # flax keeps the running mean of complex inputs complex: the float32
+    # initial state becomes complex64 at the first update.
+    dtype = jnp.result_type(old.dtype, jnp.complex64)
+  out = (momentum * old + (1.0 - momentum) * new).astype(dtype)
   if seen is None:
     return out
   return _stats.select(jnp.reshape(seen, old.shape), out, old)

@@ -102,7 +102,7 @@ _AXIS_NAME_DOC = (
 )
 _DOCS = {
   "dtype": "dtype of the output (default: the dtype of ``x``, as in "
-  "equinox; integer input becomes ``param_dtype``).",
+  "equinox; integer input is promoted with the parameters, as in flax).",
   "axis": _CHANNEL_AXIS_DOC,
 }
 _STATEFUL_DOCS = {"axis_name": _AXIS_NAME_DOC}
@@ -141,14 +141,13 @@ SPECS: dict[str, Spec] = {
 >>> import jaxnorm.equinox as jeqx
 >>> bn, state = eqx.nn.make_with_state(jeqx.BatchNorm)(3, axis_name="batch")
 >>> x = jax.random.normal(jax.random.key(0), (8, 3, 5, 5))  # (N, C, H, W)
->>> batched = jax.vmap(
-...     bn, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
->>> y, state = batched(x, state)  # training: batch statistics
+>>> def batched(model):
+...   return jax.jit(jax.vmap(
+...       model, axis_name="batch", in_axes=(0, None), out_axes=(0, None)))
+>>> y, state = batched(bn)(x, state)  # training: batch statistics
 >>> sorted(state.get(bn.state_index))
 ['mean', 'var']
->>> y_eval, _ = jax.vmap(
-...     eqx.nn.inference_mode(bn), axis_name="batch", in_axes=(0, None),
-...     out_axes=(0, None))(x, state)  # running statistics
+>>> y_eval, _ = batched(eqx.nn.inference_mode(bn))(x, state)  # running ones
 >>> y_eval.shape
 (8, 3, 5, 5)
 
@@ -156,8 +155,7 @@ Ghost batch norm, the statistics of every 4 consecutive samples:
 
 >>> ghost, state = eqx.nn.make_with_state(jeqx.BatchNorm)(
 ...     3, axis_name="batch", virtual_batch_size=4)
->>> y, state = jax.vmap(
-...     ghost, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(x, state)""",
+>>> y, state = batched(ghost)(x, state)""",
     axis="the channel axis (or axes) of a sample: ``0`` (the default) for "
     "channels-first ``(C, H, W)``, equinox's layout; ``-1`` for channels-last.",
     virtual_batch_size="jaxnorm extension: ``k`` for ghost batch norm, the "
@@ -193,7 +191,7 @@ value per channel raises ``ValueError``; the output has the dtype of
 >>> import jaxnorm.equinox as jeqx
 >>> ln = jeqx.LayerNorm(16)
 >>> x = jax.random.normal(jax.random.key(0), (2, 5, 16))  # (N, T, D)
->>> y = jax.vmap(ln)(x)  # every token over its D features
+>>> y = jax.jit(jax.vmap(ln))(x)  # every token over its D features
 >>> ln.scale.shape, bool(jnp.allclose(y.mean(-1), 0.0, atol=1e-5))
 ((16,), True)""",
     {"epsilon": 1e-5, "reduction_axes": None, "feature_axes": None},
@@ -246,7 +244,7 @@ axes of the sample, the axes of ``scale``.""",
 >>> import jaxnorm.equinox as jeqx
 >>> gn = jeqx.GroupNorm(3, 6)  # 3 groups of 2 channels
 >>> x = jax.random.normal(jax.random.key(0), (2, 6, 4, 4))  # (N, C, H, W)
->>> y = jax.vmap(gn)(x).reshape(2, 3, 2, 4, 4)
+>>> y = jax.jit(jax.vmap(gn))(x).reshape(2, 3, 2, 4, 4)
 >>> bool(jnp.allclose(y.mean((2, 3, 4)), 0.0, atol=1e-5))
 True""",
     {"epsilon": 1e-5, "axis": 0},
@@ -273,7 +271,7 @@ group_size=...)``). ``GroupNorm(groups, channels)`` is
 >>> import jaxnorm.equinox as jeqx
 >>> inorm = jeqx.InstanceNorm(3)
 >>> x = jax.random.normal(jax.random.key(0), (2, 3, 5, 5))  # (N, C, H, W)
->>> y = jax.vmap(inorm)(x)
+>>> y = jax.jit(jax.vmap(inorm))(x)
 >>> bool(jnp.allclose(y.mean((2, 3)), 0.0, atol=1e-5))
 True""",
     {"feature_axes": 0},
@@ -292,7 +290,7 @@ Normalizes every channel of a sample over its other axes (H, W) with
 >>> import jaxnorm.equinox as jeqx
 >>> frn = jeqx.FilterResponseNorm(3)
 >>> x = jax.random.normal(jax.random.key(0), (2, 3, 4, 4))  # (N, C, H, W)
->>> jax.vmap(frn)(x).shape, frn.tau.shape
+>>> jax.jit(jax.vmap(frn))(x).shape, frn.tau.shape
 ((2, 3, 4, 4), (3,))"""
   ),
   "SwitchableNorm": _channel_spec(
@@ -301,8 +299,8 @@ Normalizes every channel of a sample over its other axes (H, W) with
 >>> import jaxnorm.equinox as jeqx
 >>> sn, state = eqx.nn.make_with_state(jeqx.SwitchableNorm)(3, axis_name="batch")
 >>> x = jax.random.normal(jax.random.key(0), (4, 3, 4, 4))  # (N, C, H, W)
->>> y, state = jax.vmap(
-...     sn, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(x, state)
+>>> y, state = jax.jit(jax.vmap(
+...     sn, axis_name="batch", in_axes=(0, None), out_axes=(0, None)))(x, state)
 >>> sn.mean_weights.shape, y.shape
 ((3,), (4, 3, 4, 4))"""
   ),
@@ -313,9 +311,9 @@ Normalizes every channel of a sample over its other axes (H, W) with
 >>> brn, state = eqx.nn.make_with_state(jeqx.BatchRenorm)(3, axis_name="batch")
 >>> x = jax.random.normal(jax.random.key(0), (8, 3))
 >>> r_max, d_max = jn.batch_renorm_schedule(20_000)
->>> step = jax.vmap(
+>>> step = jax.jit(jax.vmap(
 ...     lambda x, s: brn(x, s, r_max=r_max, d_max=d_max),
-...     axis_name="batch", in_axes=(0, None), out_axes=(0, None))
+...     axis_name="batch", in_axes=(0, None), out_axes=(0, None)))
 >>> y, state = step(x, state)
 >>> y.shape
 (8, 3)"""
@@ -332,8 +330,8 @@ Normalizes every channel of a sample over its other axes (H, W) with
 ...   y, state = jax.vmap(model, axis_name="batch", in_axes=(0, None),
 ...                       out_axes=(0, None))(x, state)
 ...   return jnp.sum(y ** 3), state
->>> (g_model, g_state), state = eqx.filter_grad(loss_fn, has_aux=True)(
-...     (model, state))
+>>> grad_fn = eqx.filter_jit(eqx.filter_grad(loss_fn, has_aux=True))
+>>> (g_model, g_state), state = grad_fn((model, state))
 >>> state = jn.apply_mabn_grad_moments(state, g_state)
 >>> buffers = state.get(model.state_index)
 >>> int(buffers["count"]), bool(jnp.all(buffers["grad_moments"][0] != 0))
@@ -355,10 +353,10 @@ each device its own state.""",
 >>> import jaxnorm.equinox as jeqx
 >>> layer, state = eqx.nn.make_with_state(jeqx.EvoNormB0)(8, axis_name="batch")
 >>> x = jax.random.normal(jax.random.key(0), (4, 8, 6, 6))  # (N, C, H, W)
->>> y, state = jax.vmap(
-...     layer, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(x, state)
->>> y_eval, _ = jax.vmap(
-...     eqx.nn.inference_mode(layer), in_axes=(0, None), out_axes=(0, None))(
+>>> y, state = jax.jit(jax.vmap(
+...     layer, axis_name="batch", in_axes=(0, None), out_axes=(0, None)))(x, state)
+>>> y_eval, _ = jax.jit(jax.vmap(  # no batch statistics: no axis name needed
+...     eqx.nn.inference_mode(layer), in_axes=(0, None), out_axes=(0, None)))(
 ...     x, state)
 >>> y_eval.shape
 (4, 8, 6, 6)"""
@@ -414,7 +412,7 @@ def _frozen(value: Any) -> Any:
   return value
 
 
-def _features_at_init(layer, arguments) -> tuple[int, ...]:
+def _features_at_init(arguments) -> tuple[int, ...]:
   if "shape" in arguments:
     shape = arguments["shape"]
     try:
@@ -427,7 +425,7 @@ def _features_at_init(layer, arguments) -> tuple[int, ...]:
   return _checks.num_features_shape(arguments["num_features"])
 
 
-def _check_at_init(layer, arguments, features) -> None:
+def _check_at_init(arguments, features) -> None:
   """Errors an equinox user expects from the constructor, naming the argument."""
   if "num_groups" in arguments:
     # GroupNorm and EvoNorm-S0: both or neither of num_groups and group_size,
@@ -465,10 +463,10 @@ def _init(self, layer, signature, args, kwargs) -> None:
   arguments = dict(bound.arguments)
   del arguments["self"]
   key = arguments.pop("key")
-  features = _features_at_init(layer, arguments)
+  features = _features_at_init(arguments)
   if "shape" in arguments:
     arguments["shape"] = features
-  _check_at_init(layer, arguments, features)
+  _check_at_init(arguments, features)
   config = types.SimpleNamespace(**arguments)
   for name, value in arguments.items():
     if not name.endswith("_init"):  # initializers are used here only
@@ -583,31 +581,25 @@ def _ghost_state(config, xb, maskb, old, group_state, k):
   ``psum`` of one slot per group.
   """
   names, size = config.axis_name, lax.axis_size(config.axis_name)
-  n_groups = size // k
-  channels = tuple(a for a in range(xb.ndim) if a in _as_tuple(config.axis))
+  mean, var = group_state["mean"], group_state["var"]
+  dtype = jnp.result_type(mean, var, jnp.float32)  # complex x: complex mean
+  channels = _as_tuple(config.axis)
   if maskb is None:
-    seen = jnp.ones(old["mean"].shape, jnp.float32)
+    seen = jnp.ones(mean.shape, dtype)
   else:
     full = jnp.broadcast_to(maskb, xb.shape)
     others = tuple(a for a in range(xb.ndim) if a not in channels)
-    seen = jnp.any(full, axis=others).reshape(old["mean"].shape).astype(jnp.float32)
-  group = lax.axis_index(names) // k
-  slot = jax.nn.one_hot(group, n_groups, dtype=jnp.float32)
-  parts = jnp.stack(
-    [
-      seen,
-      group_state["mean"].astype(jnp.float32),
-      group_state["var"].astype(jnp.float32),
-    ]
-  )
+    seen = jnp.any(full, axis=others).reshape(mean.shape).astype(dtype)
+  slot = jax.nn.one_hot(lax.axis_index(names) // k, size // k, dtype=jnp.float32)
+  parts = jnp.stack([seen, mean.astype(dtype), var.astype(dtype)])
   sums = lax.psum(slot.reshape((-1,) + (1,) * parts.ndim) * parts[None], names)
   # A group's k samples all add its (identical) state; ``seen`` counts them.
-  group_seen = (sums[:, 0] > 0).astype(jnp.float32)
+  group_seen = (jnp.real(sums[:, 0]) > 0).astype(jnp.float32)
   n_seen = jnp.sum(group_seen, axis=0)
   new = {}
   for i, name in enumerate(("mean", "var"), start=1):
     avg = jnp.sum(group_seen * sums[:, i] / k, axis=0) / jnp.maximum(n_seen, 1.0)
-    new[name] = jnp.where(n_seen > 0, avg, old[name].astype(jnp.float32))
+    new[name] = jnp.where(n_seen > 0, avg, old[name].astype(dtype))
   return new
 
 
@@ -615,7 +607,7 @@ def _as_tuple(axes: Any) -> tuple[int, ...]:
   return (axes,) if _checks.is_int(axes) else tuple(axes)
 
 
-def _ghost(self, layer, config, xb, values, maskb, call_kwargs):
+def _ghost(layer, config, xb, values, maskb, call_kwargs):
   """Ghost BN under a named ``vmap``: the samples of each group of ``k``
   normalize with their group's statistics (``axis_index_groups``)."""
   if config.axis_index_groups is not None:
@@ -668,7 +660,7 @@ def _run(self, layer, x, state, training, mask, call_kwargs):
   values = _values(self, layer, state)
   shaped = _shaped(self, layer, config, xb, values)
   if training and getattr(config, "virtual_batch_size", None) is not None:
-    y, updates = _ghost(self, layer, config, xb, shaped, maskb, call_kwargs)
+    y, updates = _ghost(layer, config, xb, shaped, maskb, call_kwargs)
   else:
     y, updates = layer.apply(
       config,
@@ -708,9 +700,9 @@ Call it on one unbatched sample and batch it with ``jax.vmap``{vmap}.
 Args:
   x: one sample, ``(C, *spatial)`` (channels first, equinox's layout;
     see the axis arguments of the constructor).{state}
-  key: ignored; for compatibility with the rest of the equinox API.{inference}
+  key: ignored; for compatibility with the rest of the equinox API.{inference}{extra}
   mask: optional boolean array broadcastable to ``x``; ``False`` elements do
-    not enter the statistics (they are still normalized).{extra}
+    not enter the statistics (they are still normalized).
 
 Returns:
   {returns}
@@ -721,8 +713,8 @@ def _call_doc(layer) -> str:
   if layer.stateful:
     return _CALL_DOC.format(
       mode=" with batch (training) or running (inference) statistics",
-      vmap=' named like ``axis_name``: ``jax.vmap(model, axis_name="batch", '
-      "in_axes=(0, None), out_axes=(0, None))(x, state)``",
+      vmap=' named like\n``axis_name``: ``jax.vmap(model, axis_name="batch", '
+      "in_axes=(0, None),\nout_axes=(0, None))(x, state)``",
       state="\n  state: the ``eqx.nn.State`` holding the running statistics.",
       inference="\n  inference: overrides the ``inference`` field if not ``None``.",
       extra="".join(f"\n  {f.name}: {f.doc}" for f in layer.call_kwargs),
@@ -740,6 +732,21 @@ def _call_doc(layer) -> str:
     extra="",
     returns="``y`` of the shape of ``x``, or ``(y, state)`` if ``state`` was given.",
   )
+
+
+def _call_signature(layer) -> inspect.Signature:
+  P = inspect.Parameter
+  params = [P("self", P.POSITIONAL_OR_KEYWORD), P("x", P.POSITIONAL_OR_KEYWORD)]
+  if layer.stateful:
+    params.append(P("state", P.POSITIONAL_OR_KEYWORD))
+  else:
+    params.append(P("state", P.POSITIONAL_OR_KEYWORD, default=NO_STATE))
+  params.append(P("key", P.KEYWORD_ONLY, default=None))
+  if layer.stateful:
+    params.append(P("inference", P.KEYWORD_ONLY, default=None))
+  params += [P(f.name, P.KEYWORD_ONLY, default=None) for f in layer.call_kwargs]
+  params.append(P("mask", P.KEYWORD_ONLY, default=None))
+  return inspect.Signature(params)
 
 
 def build(layer: _description.Layer) -> type[eqx.Module]:
@@ -777,6 +784,7 @@ def build(layer: _description.Layer) -> type[eqx.Module]:
       return y if state is NO_STATE else (y, state)
 
   __call__.__doc__ = _call_doc(layer)
+  __call__.__signature__ = _call_signature(layer)
   stored = tuple(f.name for f in fs if not f.name.endswith("_init"))
   _STORED[layer.name] = stored
   static = {f.name: f.annotation for f in fs if f.name in stored}

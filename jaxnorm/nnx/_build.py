@@ -157,8 +157,11 @@ def _run(self, layer, x, training, mask, call_kwargs):
     for name, value in updates.items():
       variable = getattr(self, name)
       value = jax.lax.stop_gradient(value)  # state, never differentiated
-      if not jnp.iscomplexobj(value):  # (flax keeps a complex mean complex)
-        value = value.astype(variable.dtype)
+      if jnp.iscomplexobj(value) and not jnp.iscomplexobj(variable[...]):
+        # flax.nnx keeps its float32 running mean float32 (the real part of a
+        # complex input's mean); flax.linen, and the core, make it complex.
+        value = jnp.real(value)
+      value = value.astype(variable.dtype)
       variable.set_value(value.reshape(variable.shape))
   if layer.records_moments:
     record_moments(self, x, self.axis, mask, training)
