@@ -201,9 +201,10 @@ FORCE_FLOAT32 = _f(
 PROMOTE_DTYPE = _f(
   "promote_dtype",
   nnx_dtypes.promote_dtype,
-  "flax's hook that promotes ``x`` and the parameters before normalizing; "
-  "flax's default changes nothing here (``dtype`` already decides), so a "
-  "replacement is the only one called.",
+  "flax's hook that promotes ``x`` and the floating variables (for "
+  "BatchNorm ``(x, mean, var, scale, bias)``) to a common dtype, or to "
+  "``dtype``, before normalizing, as flax.nnx does; pass the identity to "
+  "get linen's dtypes.",
   "PromoteDtypeFn",
   families=frozenset({"nnx"}),
 )
@@ -293,10 +294,8 @@ def _training_at_init(m, x, training, initializing, axis) -> bool:
 
 def _batch_norm(m, x, v, *, training, initializing, mask, family):
   feature_axes = _checks.canonicalize_axes(x.ndim, m.axis, "axis")
-  # flax.nnx's BatchNorm promotes with its float32 running statistics too, so
-  # its output is float32 for half-precision input and params; linen's is not.
-  stats = (v["mean"], v["var"]) if family == "nnx" else ()
-  dtype = out_dtype(x, v["scale"], v["bias"], *stats, dtype=m.dtype)
+  del family  # (nnx's promotion with the running statistics: see nnx/_build.py)
+  dtype = out_dtype(x, v["scale"], v["bias"], dtype=m.dtype)
   x = as_inexact(x, dtype)
   torch_stats = check_running_stats(m.running_stats) == "torch"
   if torch_stats:
@@ -623,7 +622,9 @@ def _group_norm(m, x, v, *, training, initializing, mask, family):
 
 def _gn_nnx_setup(m) -> None:
   # Checked at construction, like flax, which also keeps both resolved.
-  m.num_groups = resolve_groups(m.num_features, m.num_groups, m.group_size)
+  m.num_groups = resolve_groups(
+    m.num_features, m.num_groups, m.group_size, what="features"
+  )
   m.group_size = m.num_features // m.num_groups
   m.feature_axis = m.axis
 
@@ -860,7 +861,6 @@ statistics, no state, the same in training and evaluation.""",
       "initializer of ``eps``, 1e-4 (the paper's).",
       "Initializer",
     ),
-    PROMOTE_DTYPE,
     BIAS_METADATA,
     SCALE_METADATA,
   ),
@@ -966,7 +966,8 @@ _RUNNING_FIELDS = (
   AXIS_NAME,
   AXIS_INDEX_GROUPS,
 )
-_NNX_AFFINE_FIELDS = (PROMOTE_DTYPE, BIAS_METADATA, SCALE_METADATA)
+# (No promote_dtype: only flax's namesakes have it; these compute as linen.)
+_NNX_AFFINE_FIELDS = (BIAS_METADATA, SCALE_METADATA)
 
 SWITCHABLE_NORM = Layer(
   name="SwitchableNorm",

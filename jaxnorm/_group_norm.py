@@ -45,28 +45,40 @@ def group_norm_init(
   )
 
 
-def resolve_groups(channels: int, num_groups: int | None, group_size: int | None):
-  """Returns ``num_groups`` from exactly one of ``num_groups``, ``group_size``."""
+def resolve_groups(
+  channels: int,
+  num_groups: int | None,
+  group_size: int | None,
+  *,
+  what: str = "channels",
+):
+  """Returns ``num_groups`` from exactly one of ``num_groups``, ``group_size``.
+
+  The messages start with flax's text (``what`` is the noun flax uses:
+  linen says channels, nnx features), then name the argument.
+  """
   if (num_groups is None) == (group_size is None):
     raise ValueError(
-      "Pass exactly one of `num_groups` and `group_size` (to give "
-      "`group_size`, also pass `num_groups=None`, as the default of "
-      f"`num_groups` is 32); got num_groups={num_groups}, "
-      f"group_size={group_size}."
+      "Either `num_groups` or `group_size` should be specified. If "
+      "`group_size` is to be specified, pass `num_groups=None` as argument to "
+      "override the default `num_groups` value of 32. Got "
+      f"`num_groups`={num_groups}, `group_size`={group_size}: pass exactly one."
     )
   if group_size is not None:
     group_size = _checks.as_int(group_size, "group_size")
     if group_size <= 0 or channels % group_size:
       raise ValueError(
-        f"`group_size`={group_size} does not divide the number of channels "
-        f"({channels})."
+        f"Number of {what} ({channels}) is not multiple of the group size "
+        f"({group_size}). `group_size`={group_size} must divide the {channels} "
+        f"{what}."
       )
     return channels // group_size
   num_groups = _checks.as_int(num_groups, "num_groups")
   if num_groups <= 0 or channels % num_groups:
     raise ValueError(
-      f"The number of channels ({channels}) is not divisible by "
-      f"`num_groups`={num_groups}."
+      f"Number of groups ({num_groups}) does not divide the number of channels "
+      f"({channels}). `num_groups`={num_groups} must divide the {channels} "
+      f"{what}."
     )
   return num_groups
 
@@ -142,17 +154,18 @@ def group_norm(
   if c == 0 and x.ndim > 1:
     raise ValueError(f"`axis`={axis} is axis 0, the batch axis of group norm.")
   channels = x.shape[c]
-  groups = resolve_groups(channels, num_groups, group_size)
   if reduction_axes is None:
     raxes = tuple(a for a in range(x.ndim) if a != c and (a != 0 or x.ndim == 1))
   else:
     raxes = _checks.canonicalize_axes(x.ndim, reduction_axes, "reduction_axes")
     if c not in raxes:
       raise ValueError(
-        f"`reduction_axes`={reduction_axes} must include the channel axis "
-        f"`axis`={axis}."
+        "The reduction axes must include the final dimension as this is assumed "
+        f"to be the feature axis. `reduction_axes`={reduction_axes} must include "
+        f"the channel axis `axis`={axis}."
       )
     raxes = tuple(a for a in raxes if a != c)
+  groups = resolve_groups(channels, num_groups, group_size)
   if any(x.shape[a] == 0 for a in raxes):
     raise ValueError(
       f"`x` of shape {x.shape} is empty along a reduced axis {raxes}: there "

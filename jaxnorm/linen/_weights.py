@@ -196,7 +196,11 @@ class SpectralNorm(nn.Module):
     if value.ndim <= 1 or self.n_steps < 1:
       return value
     if value.ndim > 2 and self.error_on_non_matrix:
-      raise ValueError(f"Input is {value.ndim}D but error_on_non_matrix is True")
+      raise ValueError(
+        f"Input is {value.ndim}D but error_on_non_matrix is True: "
+        "`error_on_non_matrix`=True refuses a weight of more than two "
+        f"dimensions ({_path_name(self.layer_instance, path)})."
+      )
     name = _path_name(self.layer_instance, path)
     u_var = self.variable(
       self.collection_name,

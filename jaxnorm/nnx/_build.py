@@ -126,16 +126,25 @@ def _shaped(value: jax.Array | None, shape: tuple[int, ...], name: str, module):
 def _run(self, layer, x, training, mask, call_kwargs):
   values = {var.name: _value(getattr(self, var.name)) for var in layer.variables}
   promote = getattr(self, "promote_dtype", None)
-  if promote is not None and promote is not _description.PROMOTE_DTYPE.default:
-    # A user's promotion hook sees the input and the floating variables in
-    # flax's order ((x, mean, var, scale, bias) for BatchNorm). flax's own
-    # default is not called: ``dtype`` and the description already decide.
+  if promote is not None:
+    # flax.nnx promotes the input and the floating variables, in flax's order
+    # ((x, mean, var, scale, bias) for BatchNorm), to a common dtype (or
+    # ``dtype``) before normalizing: the output of flax.nnx's BatchNorm is
+    # float32 for half-precision input and parameters, since its running
+    # statistics are float32. The running statistics are updated from their
+    # stored values, as flax does; the promoted ones serve in evaluation.
     names = [
       v.name for v in layer.variables if not jnp.issubdtype(v.dtype(self), jnp.integer)
     ]
-    promoted = promote((x, *(values[n] for n in names)), dtype=self.dtype)
+    args = (x, *(values[n] for n in names))
+    if promote is _description.PROMOTE_DTYPE.default:
+      promoted = _lossless_promotion(args, self.dtype)
+    else:
+      promoted = promote(args, dtype=self.dtype)
     x = promoted[0]
-    values.update(zip(names, promoted[1:], strict=True))
+    for var, value in zip(names, promoted[1:], strict=True):
+      if not training or layer_var(layer, var).collection == "params":
+        values[var] = value
   x = jnp.asarray(x)
   features = layer.features(self, x.shape)
   flat = _checks.num_features_shape(self.num_features)
@@ -166,6 +175,34 @@ def _run(self, layer, x, training, mask, call_kwargs):
   if layer.records_moments:
     record_moments(self, x, self.axis, mask, training)
   return y
+
+
+def _lossless_promotion(args, dtype):
+  """flax's default ``promote_dtype``, but never rounding an argument down.
+
+  flax.nnx casts the input and parameters to the promoted dtype (or to
+  ``dtype``), which rounds an argument wider than ``dtype`` before the
+  statistics; flax.linen does not, and the two families disagree. jaxnorm
+  keeps flax.nnx's output dtype (the promoted one, e.g. float32 for BN with
+  half-precision input and parameters) but only ever casts up, so an nnx
+  module computes on the same values as its linen twin.
+  """
+  present = [jnp.asarray(a) for a in args if a is not None]
+  target = jnp.dtype(dtype) if dtype is not None else jnp.result_type(*present)
+  if not jnp.issubdtype(target, jnp.inexact):
+    target = jnp.promote_types(target, jnp.float32)
+
+  def up(a):
+    if a is None:
+      return None
+    a = jnp.asarray(a)
+    return a.astype(target) if jnp.promote_types(a.dtype, target) == target else a
+
+  return tuple(up(a) for a in args)
+
+
+def layer_var(layer, name):
+  return next(v for v in layer.variables if v.name == name)
 
 
 def _resolve(self, use_running_average):

@@ -22,7 +22,7 @@ import jaxnorm as jn
 from jaxnorm import _checks, _description
 from jaxnorm._description import _NO_METADATA
 from jaxnorm._description import as_inexact as _as_inexact
-from jaxnorm.nnx._build import _value
+from jaxnorm.nnx._build import _lossless_promotion, _value
 from jaxnorm.nnx._normalization import BatchNorm
 
 Dtype = Any
@@ -229,15 +229,13 @@ class FrozenBatchNorm(nnx.Module):
           f"{self.num_features}), but `x` of shape {x.shape} with `axis`="
           f"{self.axis} implies {feature_shape}."
         )
-    values = (
-      x, self.mean[...], self.var[...], _value(self.scale), _value(self.bias)
-    )  # fmt: skip
-    if self.promote_dtype is not _description.PROMOTE_DTYPE.default:
-      values = self.promote_dtype(values, dtype=self.dtype)  # as BatchNorm does
-    x, mean, var, scale, bias = values
-    # The output dtype of jaxnorm.nnx.BatchNorm in evaluation (see its
-    # description): flax.nnx promotes with the running statistics too.
-    out_dtype = _description.out_dtype(x, scale, bias, mean, var, dtype=self.dtype)
+    args = (x, self.mean[...], self.var[...], _value(self.scale), _value(self.bias))
+    if self.promote_dtype is _description.PROMOTE_DTYPE.default:
+      args = _lossless_promotion(args, self.dtype)
+    else:
+      args = self.promote_dtype(args, dtype=self.dtype)
+    x, mean, var, scale, bias = args  # as jaxnorm.nnx.BatchNorm in evaluation
+    out_dtype = _description.out_dtype(x, scale, bias, dtype=self.dtype)
     y, _ = jn.batch_norm(
       _as_inexact(x, out_dtype),
       jn.NormParams(scale, bias),

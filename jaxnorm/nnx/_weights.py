@@ -241,7 +241,9 @@ class SpectralNorm(_Stateful):
         continue
       if param.ndim > 2 and self.error_on_non_matrix:
         raise ValueError(
-          f"Layer instance parameter is {param.ndim}D but error_on_non_matrix is True"
+          f"Layer instance parameter is {param.ndim}D but error_on_non_matrix "
+          "is True: `error_on_non_matrix`=True refuses a weight of more than "
+          f"two dimensions ({jax.tree_util.keystr(tuple(path))})."
         )
       out.append((path, param))
     return out
