@@ -80,7 +80,8 @@ def test_batch_norm_state_shape_mismatch():
 def test_channels_not_divisible_by_num_groups():
   _raises(
     ValueError,
-    r"channels \(8\) is not divisible by `num_groups`=3",
+    r"Number of groups \(3\) does not divide the number of channels \(8\)\. "
+    r"`num_groups`=3 must divide",
     lambda x: jn.group_norm(x, P8, num_groups=3),
     X,
   )
@@ -89,7 +90,7 @@ def test_channels_not_divisible_by_num_groups():
 def test_channels_not_divisible_by_group_size():
   _raises(
     ValueError,
-    "`group_size`=3 does not divide",
+    r"not multiple of the group size \(3\)\. `group_size`=3 must divide",
     lambda x: jn.group_norm(x, P8, num_groups=None, group_size=3),
     X,
   )
@@ -99,7 +100,7 @@ def test_channels_not_divisible_by_group_size():
 def test_both_or_neither_of_num_groups_and_group_size(num_groups, group_size):
   _raises(
     ValueError,
-    "exactly one of `num_groups` and `group_size`",
+    r"Either `num_groups` or `group_size` should be specified.*pass exactly one",
     lambda x: jn.group_norm(x, P8, num_groups=num_groups, group_size=group_size),
     X,
   )
