@@ -672,7 +672,8 @@ def main(argv=None):
   parts = [markdown(rows, meta)] if rows else [meta_line(meta) + "\n"]
   if model_rows is not None:
     parts.append(models.markdown(model_rows, compile_reps))
-  text = "\n".join(parts)
+  # A title, so that the file is a page of the documentation site as it is.
+  text = "# Benchmark results\n\n" + "\n".join(parts)
   with open(os.path.join(args.out, "results.md"), "w") as f:
     f.write(text)
   if rows:

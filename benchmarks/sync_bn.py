@@ -199,7 +199,7 @@ def main(argv=None):
     f"Updated parameters and running variance agree to {max_diff:.1e} "
     "(max abs difference)."
   )
-  md = "\n".join(lines) + "\n"
+  md = "# Sync BN training step\n\n" + "\n".join(lines) + "\n"
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, "sync_bn.json"), "w") as f:
     json.dump({"meta": meta, "rows": rows}, f, indent=1)

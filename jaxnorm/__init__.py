@@ -1,7 +1,9 @@
 """jaxnorm: normalization layers for JAX as pure functions over explicit
 parameter and state pytrees, with thin flax.linen and flax.nnx wrappers."""
 
-# Registers the NamedTuples above for jax.export serialization.
+import importlib.metadata as _metadata  # noqa: I001
+
+# Registers the NamedTuples imported below for jax.export serialization.
 from jaxnorm import _export  # noqa: E402, F401, I001
 from jaxnorm._batch_norm import batch_norm as batch_norm
 from jaxnorm._batch_norm import batch_norm_init as batch_norm_init
@@ -48,7 +50,11 @@ from jaxnorm._fold import fold_batch_norm as fold_batch_norm
 from jaxnorm._torch_port import from_torch_state_dict as from_torch_state_dict
 from jaxnorm._types import TorchBatchNormState as TorchBatchNormState
 
-__version__ = "0.1.0"
+# One source for the version: the package metadata (pyproject.toml).
+try:
+  __version__ = _metadata.version("jaxnorm")
+except _metadata.PackageNotFoundError:  # imported from a source tree
+  __version__ = "0+unknown"
 
 __all__ = [
   "BatchNormState",

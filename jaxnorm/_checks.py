@@ -60,7 +60,8 @@ def check_hyper(v: Any, name: str, *, low: float = 0.0, high: float = math.inf) 
   ``epsilon``, ``momentum``, ``r_max``... A Python or NumPy number, or a
   concrete array, must be finite and within ``[low, high]``. A traced value
   (a schedule under ``jit``) cannot be checked at trace time and is used as
-  it is: a NaN there spreads to the output (see the README's NaN policy).
+  it is: a NaN there spreads to the output (see the NaN policy in
+  ``docs/numerics.md``).
   """
   if v is None or isinstance(v, (bool, np.bool_, str, bytes)):
     raise TypeError(f"`{name}` must be a number, got {v!r}.")

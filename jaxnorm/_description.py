@@ -1139,8 +1139,8 @@ MOVING_AVERAGE_BATCH_NORM = Layer(
 Calls :func:`jaxnorm.moving_average_batch_norm`; see it for the formula
 and the backward pass. ``grad_moments`` is written through the gradient:
 differentiate the loss with respect to it as well (linen: the
-``batch_stats``; nnx: ``nnx.DiffState`` on :class:`GradMoments`) and pass
-the result to :func:`jaxnorm.apply_mabn_grad_moments` (see the example).""",
+``batch_stats``; nnx: ``nnx.DiffState`` on :class:`jaxnorm.nnx.GradMoments`)
+and pass the result to :func:`jaxnorm.apply_mabn_grad_moments` (see the example).""",
   fields=(
     USE_RUNNING_AVERAGE,
     AXIS,

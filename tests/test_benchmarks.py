@@ -71,6 +71,7 @@ def test_quick_run_writes_json_markdown_and_png(tmp_path):
   assert {r["layer"] for r in rows if r["lib"] == "jax.nn"} == {"bn", "ln", "in"}
 
   md = (out / "results.md").read_text()
+  assert md.startswith("# Benchmark results\n")  # a page of the docs site
   table = [ln for ln in md.splitlines() if ln.startswith("| ")]
   assert len(table) == 1 + 20  # header + one row per case
   assert "÷flax" in table[0] and "res/x" in table[0]
@@ -125,6 +126,7 @@ def test_quick_model_rows(tmp_path):
   assert math.isfinite(result["model_summary"]["max_compile_ratio_vs_flax"])
 
   md = (out / "results.md").read_text()
+  assert md.startswith("# Benchmark results\n")  # a page of the docs site
   table = [ln for ln in md.splitlines() if ln.startswith("| ")]
   assert len(table) == 1 + 10  # header + one row per (model, layer)
   assert "÷flax" in table[0] and "compile ÷flax" in table[0]
@@ -316,4 +318,6 @@ def test_sync_bn_script_runs(tmp_path):
   for r in by_lib.values():
     assert r["collectives"].get("all-reduce", 0) >= 1
     assert len(r["times_s"]) == 2
-  assert "all-reduces per step" in (tmp_path / "sync_bn.md").read_text()
+  sync_md = (tmp_path / "sync_bn.md").read_text()
+  assert sync_md.startswith("# Sync BN training step\n")  # a page of the docs site
+  assert "all-reduces per step" in sync_md

@@ -70,7 +70,7 @@ def test_features_sharded_no_more_than_flax():
     assert ours[0] <= theirs[0] and ours[1] <= theirs[1], (name, ours, theirs)
   # Layer norm over sharded features is exact, so it is held to flax's
   # exact mode; flax's default takes one fewer all-reduce forward by
-  # computing E[x^2] - E[x]^2 (README, "Parallel training").
+  # computing E[x^2] - E[x]^2 (docs/parallel.md).
   ours = rows["jaxnorm", "layer_norm"]
   exact = rows["flax", "layer_norm (exact: use_fast_variance=False)"]
   assert ours[0] <= exact[0] and ours[1] <= exact[1]

@@ -66,8 +66,8 @@ def recompute_batch_stats(
       argument it needs.
 
   Returns:
-    A new variables dict: ``batch_stats`` with the recomputed statistics,
-    every other collection as given.
+    A new variables dict, with the recomputed statistics in
+    ``batch_stats`` and every other collection as given.
 
   Raises:
     ValueError: ``batches`` is empty, ``variables`` has no ``batch_stats``,
