@@ -39,11 +39,16 @@ def _l2_normalize(x, epsilon):
 
 
 def _power_iteration(mat, u, n_steps, epsilon):
-  v = None
-  for _ in range(n_steps):
+  # A loop rather than n_steps unrolled copies: the 15 warm-up steps of
+  # spectral_norm_init would otherwise be 30 matrix-vector products to
+  # compile. With a static trip count it is a scan, so it differentiates.
+  def step(_, carry):
+    u, _ = carry
     v = _l2_normalize(mat @ u, epsilon)
-    u = _l2_normalize(v @ mat, epsilon)
-  return u, v
+    return _l2_normalize(v @ mat, epsilon), v
+
+  v = jnp.zeros((mat.shape[0],), mat.dtype)
+  return lax.fori_loop(0, n_steps, step, (u, v))
 
 
 def spectral_norm_init(
