@@ -62,7 +62,8 @@ MABN, still per-device, bring b = 1 back to 98.0 % and 99.4 %.
 Without an accelerator the script simulates 8 CPU devices (it sets
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` before importing jax).
 It writes ``batch_size.png`` and ``batch_size.csv`` to ``--out`` (default:
-the documentation's ``docs/gallery/``) and prints a table.
+the documentation's ``docs/gallery/``, or ``./gallery_quick/`` with
+``--quick``) and prints a table.
 
 Run::
 
@@ -516,9 +517,16 @@ if __name__ == "__main__":
     help="b = 1 and 8, BN, sync BN and GN, one seed, 2 epochs",
   )
   parser.add_argument(
-    "--out", type=pathlib.Path, default=DEFAULT_OUT, help="output directory"
+    "--out",
+    type=pathlib.Path,
+    default=None,
+    # A --quick check must never overwrite the documented figure.
+    help="output directory (default: docs/gallery/ for a full run, "
+    "./gallery_quick/ with --quick)",
   )
   args = parser.parse_args()
+  if args.out is None:
+    args.out = pathlib.Path("gallery_quick") if args.quick else DEFAULT_OUT
   if args.quick:
     main(("bn", "sync_bn", "gn"), (1, 8), (0,), 2, args.out)
   else:

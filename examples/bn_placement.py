@@ -16,7 +16,8 @@ running averages, momentum 0.9); a model whose loss became NaN scores 10 %.
 It writes ``placement.csv`` (per variant, rate, seed and epoch: mean
 training loss and test accuracy) and ``placement.png`` (mean over the seeds,
 band from the lowest to the highest seed) to ``--out``, by default
-``docs/gallery/`` of the repository. It runs on one device.
+``docs/gallery/`` of the repository (``./gallery_quick/`` with ``--quick``).
+It runs on one device.
 
 Run::
 
@@ -302,9 +303,16 @@ if __name__ == "__main__":
   )
   parser.add_argument("--seeds", type=int, default=3, help="seeds of the full run")
   parser.add_argument(
-    "--out", type=pathlib.Path, default=DEFAULT_OUT, help="where to write the files"
+    "--out",
+    type=pathlib.Path,
+    default=None,
+    # A --quick check must never overwrite the documented figure.
+    help="output directory (default: docs/gallery/ for a full run, "
+    "./gallery_quick/ with --quick)",
   )
   args = parser.parse_args()
+  if args.out is None:
+    args.out = pathlib.Path("gallery_quick") if args.quick else DEFAULT_OUT
   if args.quick:
     main(args.out, rates=(0.1, 1.0), seeds=(0, 1), epochs=2)
   else:

@@ -19,7 +19,8 @@
    its dtype, for several shapes, layouts and dtypes.
 
 It writes ``properties.csv`` (every number plotted) and ``properties.png``
-(three panels) to ``--out``, by default ``docs/gallery/`` of the repository.
+(three panels) to ``--out``, by default ``docs/gallery/`` of the repository
+(``./gallery_quick/`` with ``--quick``).
 
 Run::
 
@@ -329,7 +330,14 @@ if __name__ == "__main__":
     "--quick", action="store_true", help="one value of a per decade instead of four"
   )
   parser.add_argument(
-    "--out", type=pathlib.Path, default=DEFAULT_OUT, help="where to write the files"
+    "--out",
+    type=pathlib.Path,
+    default=None,
+    # A --quick check must never overwrite the documented figure.
+    help="output directory (default: docs/gallery/ for a full run, "
+    "./gallery_quick/ with --quick)",
   )
   args = parser.parse_args()
+  if args.out is None:
+    args.out = pathlib.Path("gallery_quick") if args.quick else DEFAULT_OUT
   main(args.out, quick=args.quick)

@@ -33,16 +33,19 @@ EPS = {
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-  out = tmp_path_factory.mktemp("properties")
+  # Without --out, a --quick run writes to ./gallery_quick/, never over the
+  # checked-in figure in docs/gallery/.
+  cwd = tmp_path_factory.mktemp("properties")
+  out = cwd / "gallery_quick"
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["JAX_PLATFORMS"] = "cpu"
   proc = subprocess.run(
-    [sys.executable, str(EXAMPLE), "--quick", "--out", str(out)],
+    [sys.executable, str(EXAMPLE), "--quick"],
     capture_output=True,
     text=True,
     timeout=180,
     env=env,
-    cwd=out,
+    cwd=cwd,
   )
   assert proc.returncode == 0, proc.stderr[-4000:]
   with open(out / "properties.csv", newline="") as f:
