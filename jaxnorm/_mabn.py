@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Hashable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
 from jax.typing import ArrayLike
 
 from jaxnorm import _checks, _stats
@@ -95,9 +97,27 @@ class _Config(NamedTuple):
   replicas: int
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _mabn_apply(cfg, x, scale, bias, mask, mul, inv, grad_moments, old_sum, slot, n):
-  del mask, inv, grad_moments, old_sum, slot, n
+# --- MABN's derivatives ------------------------------------------------------
+#
+# Forward mode (jvp, jacfwd, linearize) gets the derivative of the forward
+# formula with r held constant: chi_t depends on x, so
+#
+#   dy = mul * scale * (dx - x_hat * S / n) + dscale * mul * x + dbias,
+#   S = sum(mask * x_hat * dx) / count            (over the batch and devices)
+#
+# Reverse mode gets the paper's backward pass, which is the transpose of that
+# map plus two terms that depend on the optimizer state rather than on the
+# cotangent: the older batches' psi (psi_bar replaces psi_t / n) and the
+# increment that writes psi_t into state.grad_moments (see
+# moving_average_batch_norm). A backward pass that is affine in the
+# cotangent is no transpose of a linear map, so neither a custom_vjp (which
+# has no forward mode) nor the transpose JAX derives from a custom_jvp can
+# express it. The linear part is plain JAX inside a custom_jvp; the affine
+# part is a primitive, _stale_p, whose forward value is zero (y does not
+# depend on the buffer) and whose transpose rule returns those two terms.
+
+
+def _apply(cfg, x, scale, bias, mul):
   y = x.astype(cfg.dtype) * mul
   if scale is not None:
     y = y * scale.astype(cfg.dtype)
@@ -106,57 +126,158 @@ def _mabn_apply(cfg, x, scale, bias, mask, mul, inv, grad_moments, old_sum, slot
   return y.astype(cfg.out_dtype)
 
 
-def _mabn_fwd(cfg, x, scale, bias, mask, mul, inv, grad_moments, old_sum, slot, n):
-  y = _mabn_apply(cfg, x, scale, bias, mask, mul, inv, grad_moments, old_sum, slot, n)
-  return y, (x, scale, bias, mask, mul, inv, grad_moments, old_sum, slot, n)
+def _batch_sum(cfg, v):
+  """Sums ``v`` over the batch axes and the devices of ``cfg.sync``."""
+  return _stats.psum_in_groups(jnp.sum(v, cfg.axes, keepdims=True), cfg.sync)
 
 
-def _mabn_bwd(cfg, res, g):
-  x, scale, bias, mask, mul, inv, grad_moments, old_sum, slot, n = res
+def _given(t) -> bool:
+  return t is not None and not isinstance(t, SymbolicZero)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _mabn_apply(
+  cfg, x, scale, bias, mask, mul, inv, grad_moments, old_sum, slot, n, count
+):
+  del mask, inv, grad_moments, old_sum, slot, n, count
+  return _apply(cfg, x, scale, bias, mul)
+
+
+def _mabn_jvp(cfg, primals, tangents):
+  x, scale, bias, mask, mul, inv, grad_moments, old_sum, slot, n, count = primals
+  tx, tscale, tbias, tgm = tangents[0], tangents[1], tangents[2], tangents[6]
   dtype = cfg.dtype
-  gf = g.astype(dtype)
-  xhat = x.astype(dtype) * inv
-  # r = mul / inv is the renormalization factor; it is a constant here.
-  r = mul / inv
-  dxhat = gf * r if scale is None else gf * r * scale.astype(dtype)
-  dxhat_in = dxhat if mask is None else jnp.where(mask, dxhat, 0.0)
-  if mask is None:
-    local = float(math.prod(x.shape[a] for a in cfg.axes))
-    count = jnp.full(inv.shape, local, dtype)
-  else:
-    count = jnp.sum(mask.astype(dtype), cfg.axes, keepdims=True)
-  psi_sum = jnp.sum(dxhat_in * xhat, cfg.axes, keepdims=True)
-  # Zeros shaped like psi_sum give count its sharding (channels may be
-  # sharded on an Explicit mesh, and a stack wants equal shardings).
-  parts = jnp.stack([psi_sum, count + jnp.zeros_like(psi_sum)])
-  total, count = _stats.psum_in_groups(parts, cfg.sync)
-  # psi_t: this batch's mean(g * x_hat), over every device's elements.
-  psi = (total / jnp.maximum(count, 1.0)).reshape(old_sum.shape)
-  # The paper replaces psi_t by its simple moving average over the buffer,
-  # the current value included.
-  psi_bar = (old_sum + psi) / n
-  corr = xhat * psi_bar.reshape(inv.shape)
-  if mask is not None:
-    corr = jnp.where(mask, corr, 0.0)
-  dx = (inv * (dxhat - corr)).astype(x.dtype)
-  dscale = None
-  if scale is not None:
-    dscale = _stats.reduce_to(gf * r * xhat, scale.shape).astype(scale.dtype)
-  dbias = None
-  if bias is not None:
-    dbias = _stats.reduce_to(gf, bias.shape).astype(bias.dtype)
-  # The cotangent of `state.grad_moments` is the increment that writes psi_t
-  # into this step's slot (see the docstring of moving_average_batch_norm).
-  onehot = (jnp.arange(grad_moments.shape[0]) == slot).astype(dtype)
-  onehot = onehot.reshape((-1,) + (1,) * (grad_moments.ndim - 1))
-  delta = onehot * (psi - grad_moments.astype(dtype))
-  delta = (delta / cfg.replicas).astype(grad_moments.dtype)
-  dscale, dbias = _stats.like(dscale, scale), _stats.like(dbias, bias)
-  delta = _stats.like(delta, grad_moments)
-  return _stats.like(dx, x), dscale, dbias, None, None, None, delta, None, None, None
+  y = _apply(cfg, x, scale, bias, mul)
+  xf = x.astype(dtype)
+  gain = mul if scale is None else mul * scale.astype(dtype)
+  ty = jnp.zeros_like(y, dtype)
+  if _given(tx):
+    t = tx.astype(dtype)
+    s = _batch_sum(cfg, t * (xf if mask is None else jnp.where(mask, xf, 0.0)))
+    # d chi_t = 2 * sum(mask * x * dx) / count, and chi_bar holds chi_t / n.
+    ty = ty + gain * t - xf * (gain * inv * inv / (n * jnp.maximum(count, 1.0)) * s)
+  if _given(tscale):
+    ty = ty + xf * (mul * tscale.astype(dtype))
+  if _given(tbias):
+    ty = ty + tbias.astype(dtype)
+  if _given(tx) or _given(tgm):
+    present = (_given(tx), _given(tgm), scale is not None, mask is not None)
+    args = [t for t, p in zip((tx, tgm, scale, mask), present, strict=True) if p]
+    ty = ty + _stale_p.bind(
+      *args,
+      x,
+      mul,
+      inv,
+      grad_moments,
+      old_sum,
+      slot,
+      n,
+      count,
+      cfg=cfg,
+      present=present,
+      vmapped=(),
+    ).astype(dtype)
+  return y, ty.astype(y.dtype)
 
 
-_mabn_apply.defvjp(_mabn_fwd, _mabn_bwd)
+_mabn_apply.defjvp(_mabn_jvp, symbolic_zeros=True)
+
+
+# --- _stale_p: zero forward, the state-dependent terms of the backward -------
+
+_stale_p = Primitive("jaxnorm_mabn_stale")
+
+
+def _unpack(args, present):
+  args = list(args)
+  tx, tgm, scale, mask = (args.pop(0) if p else None for p in present)
+  return tx, tgm, scale, mask, args
+
+
+def _stale_zeros(*args, cfg, present, vmapped):
+  del vmapped
+  x = _unpack(args, present)[4][0]
+  return jnp.zeros_like(x, cfg.out_dtype)
+
+
+def _stale_abstract(*avals, cfg, present, vmapped):
+  del vmapped
+  x = _unpack(avals, present)[4][0]
+  return x.update(dtype=jnp.dtype(cfg.out_dtype), weak_type=False)
+
+
+def _stale_terms(
+  cfg, present, ct, scale, mask, x, mul, inv, gm, old_sum, slot, n, count
+):
+  """MABN's backward minus the transpose of the forward-mode map, unbatched:
+  ``(dx, d grad_moments)``, each ``None`` where not asked for."""
+  has_tx, has_tgm = present[:2]
+  dtype = cfg.dtype
+  xf = x.astype(dtype)
+  dx = dgm = None
+  if has_tx:
+    # The older batches' share of psi_bar = (old_sum + psi_t) / n.
+    corr = xf * (inv * old_sum.reshape(inv.shape) / n)
+    if mask is not None:
+      corr = jnp.where(mask, corr, 0.0)
+    dx = _stats.like((-inv * corr).astype(x.dtype), x)
+  if has_tgm:
+    # psi_t = sum(g * r * scale * x_hat) / count, and r * x_hat = mul * x.
+    # Written as sum(g * x), the reduction that the transpose of the forward
+    # map takes too, so that XLA computes it once.
+    gain = mul if scale is None else mul * scale.astype(dtype)
+    psi = _batch_sum(cfg, ct.astype(dtype) * xf) * gain / jnp.maximum(count, 1.0)
+    onehot = (jnp.arange(gm.shape[0]) == slot).astype(dtype)
+    onehot = onehot.reshape((-1,) + (1,) * (gm.ndim - 1))
+    delta = onehot * (psi.reshape(old_sum.shape) - gm.astype(dtype))
+    dgm = _stats.like((delta / cfg.replicas).astype(gm.dtype), gm)
+  return dx, dgm
+
+
+def _stale_transpose(ct, *args, cfg, present, vmapped):
+  tx, tgm, scale, mask, rest = _unpack(args, present)
+  if type(ct) is ad.Zero:
+    return [None] * len(args)
+  fn = functools.partial(_stale_terms, cfg, present)
+  # A batched _stale_p (see _stale_batch) carries its vmapped axes in front.
+  for name, size in reversed(vmapped):
+    fn = jax.vmap(fn, axis_name=name, axis_size=size)
+  dx, dgm = fn(ct, scale, mask, *rest)
+  cts = [dx, dgm, None, None]
+  out = [c for c, p in zip(cts, present, strict=True) if p]
+  return out + [None] * len(rest)
+
+
+def _stale_jvp(primals, tangents, **params):
+  out = _stale_p.bind(*primals, **params)
+  return out, jnp.zeros_like(out)
+
+
+def _stale_batch(axis_data, args, dims, *, cfg, present, vmapped):
+  size = axis_data.size
+  name = axis_data.name if isinstance(axis_data.name, Hashable) else None
+  if present[1] and dims[int(present[0])] is None:
+    # A state shared by the rows of a vmap over the very axis MABN syncs
+    # over (equinox's way, and pmap's with in_axes=None) gets the same
+    # increment from every row, and the transpose of its broadcast sums
+    # them: as under shard_map, each row carries 1/size of it.
+    sync = cfg.sync.axis_name
+    if name is not None and name in (sync if isinstance(sync, tuple) else (sync,)):
+      cfg = cfg._replace(replicas=cfg.replicas * size)
+  args = [
+    jnp.broadcast_to(a, (size, *jnp.shape(a))) if d is None else jnp.moveaxis(a, d, 0)
+    for a, d in zip(args, dims, strict=True)
+  ]
+  out = _stale_p.bind(*args, cfg=cfg, present=present, vmapped=((name, size), *vmapped))
+  return out, 0
+
+
+_stale_p.def_impl(_stale_zeros)
+_stale_p.def_abstract_eval(_stale_abstract)
+ad.primitive_jvps[_stale_p] = _stale_jvp
+ad.primitive_transposes[_stale_p] = _stale_transpose
+batching.fancy_primitive_batchers[_stale_p] = _stale_batch
+mlir.register_lowering(_stale_p, mlir.lower_fun(_stale_zeros, multiple_results=False))
 
 
 def moving_average_batch_norm(
@@ -199,11 +320,25 @@ def moving_average_batch_norm(
   reference code feeds it the moving average instead), and evaluation is
   ``y = scale * x / sqrt(var + epsilon) + bias``.
 
-  Backward: with :math:`g = \partial L / \partial \hat x` the exact gradient
-  of the (batch) formula is :math:`(g - \hat x\,\psi_t)/\sqrt{\bar\chi_t +
-  \epsilon}` with :math:`\psi_t = \mathrm{mean}(g \hat x)`. MABN replaces
-  :math:`\psi_t` by its simple moving average :math:`\bar\psi_t` over the
-  same window, the current one included (a custom VJP).
+  **Derivatives.** With :math:`g = \partial L / \partial \hat x`, the
+  exact gradient of the formula above is :math:`(g - \hat x\,\psi_t / n) /
+  \sqrt{\bar\chi_t + \epsilon}` with :math:`\psi_t = \sum g \hat x /
+  \mathrm{count}` (summed over every output, so over the batch whenever the
+  loss leaves out the masked-out positions). MABN's backward pass replaces
+  :math:`\psi_t / n` by the simple moving average :math:`\bar\psi_t` of
+  :math:`\psi` over the same window, the current one included. That adds a
+  term which depends on the state rather than on :math:`g` (the older
+  batches' :math:`\psi`), as does the increment of ``grad_moments`` below,
+  so the backward pass is the transpose of no linear map. Hence:
+
+  - forward mode (``jax.jvp``, ``jacfwd``, ``linearize``) is the exact
+    derivative of the formula above, with :math:`r` constant;
+  - reverse mode (``grad``, ``vjp``) is the paper's backward pass: the
+    transpose of forward mode plus the two state terms;
+  - on a fresh state (one batch in the window) the two agree; later
+    ``jacfwd`` and ``jacrev`` differ, by design;
+  - second-order derivatives (``hessian``, grad of grad) run, and hold
+    :math:`\bar\chi_t` and :math:`r` constant.
 
   **How the backward buffer is carried.** :math:`\psi_t` exists only in the
   backward pass, so it cannot come back in ``new_state``. It comes back as
@@ -369,6 +504,7 @@ def moving_average_batch_norm(
     lax.stop_gradient(old_psi_sum),
     slot,
     n,
+    lax.stop_gradient(jnp.broadcast_to(m.count, m.var.shape).astype(stats_dtype)),
   )
   # An empty batch (all masked, on every device) leaves the state as it was,
   # its step count included.

@@ -23,9 +23,12 @@ formula they document rather than against FD of their own forward pass:
 - spectral norm holds its power-iteration vectors under ``stop_gradient``:
   the reference is ``W / (v^T W u)`` with ``u``, ``v`` the singular vectors
   (by SVD) of a ``W`` whose state has converged;
-- MABN in training is a ``jax.custom_vjp``: on a fresh state its gradient is
-  that of the uncentred batch formula, written here; grad of grad only has
-  to run, and forward mode is not supported (``xfail``).
+- MABN in training: forward mode is the derivative of the paper's forward
+  formula (with ``r`` frozen), written here, on a fresh state and on a warm
+  one with a mask; on a fresh state its custom gradient is that of the
+  uncentred batch formula; its state-dependent backward terms are checked
+  under ``shard_map``, a named ``vmap`` and ``grad`` of ``vmap`` against one
+  device on the whole batch; second order only has to run.
 
 ``jax.hessian`` of batch norm in training is also checked entry by entry,
 for symmetry and against FD of a closed-form gradient. Finally, reverse mode
@@ -410,30 +413,27 @@ def test_derivatives_and_their_vmap_match_finite_differences(name, x64):
     _check(_row(batched, i), refs(zs[i], ds[i], dirs), dirs, f" under vmap (row {i})")
 
 
-# --- MABN in training: a custom VJP ----------------------------------------
-
-MABN_NO_JVP = (
-  "moving_average_batch_norm(use_running_average=False) is a jax.custom_vjp "
-  "with no custom_jvp: forward mode raises TypeError \"can't apply "
-  'forward-mode autodiff (jvp) to a custom_vjp function" (SPEC rule 10 asks '
-  "for jvp, jacfwd, linearize and hessian)"
-)
+# --- MABN in training: a custom gradient ------------------------------------
 
 
 def _mabn_train():
   return _problem(lambda r: _mabn(r, True))
 
 
-def test_mabn_train_reverse_mode(x64):
-  """On a fresh state (one batch in the window, ``r = 1``) MABN's custom
-  gradient is the exact gradient of the batch formula; grad of grad (the
-  second order a custom VJP allows) runs and is finite; both under vmap."""
+def test_mabn_train_derivatives_on_a_fresh_state(x64):
+  """On a fresh state (one batch in the window, ``r = 1``) forward mode and
+  MABN's custom gradient are both those of the uncentred batch formula (FD
+  of the reference); grad of grad and ``jax.hessian`` (forward over the
+  custom reverse mode) run and are finite; all under vmap too."""
   p = _mabn_train()
   rng = np.random.default_rng(1)
   zs = p.points
   ds = _directions(rng, zs[0], len(zs))
   dirs = _directions(rng, zs[0], 3)
-  derivatives = lambda z, d: _reverse_mode(p.loss, z, d, hessian=False)
+
+  def derivatives(z, d):
+    return {**_forward_mode(p.f, z, d), **_reverse_mode(p.loss, z, d)}
+
   plain, batched = jit(
     lambda zs, ds: (derivatives(zs[0], ds[0]), jax.vmap(derivatives)(zs, ds))
   )(zs, ds)
@@ -441,26 +441,188 @@ def test_mabn_train_reverse_mode(x64):
   for got, i, where in [(plain, 0, "")] + [
     (_row(batched, i), i, f" under vmap (row {i})") for i in range(len(zs))
   ]:
-    _, dl, _ = refs(zs[i], ds[i], dirs)
+    jd, dl, _ = refs(zs[i], ds[i], dirs)
+    for k in ("jvp", "jacfwd", "linearize"):
+      assert_close(got[k], jd, f"{k}{where} vs FD of y")
     assert_close(dirs @ got["grad"], dl, f"grad{where} vs FD of the loss")
-    gg = got["grad of grad"]
-    assert gg.shape == zs[i].shape and bool(jnp.all(jnp.isfinite(gg))), where
+    for k in ("grad of grad", "hessian"):
+      assert got[k].shape == zs[i].shape, (k, where)
+      assert bool(jnp.all(jnp.isfinite(got[k]))), (k, where)
 
 
-@pytest.mark.xfail(raises=TypeError, strict=True, reason=MABN_NO_JVP)
-@pytest.mark.parametrize("transform", ["jvp", "jacfwd", "linearize", "hessian"])
-def test_mabn_train_forward_mode(transform, x64):
-  p = _mabn_train()
+def _mabn_warm_state(rng, buffer_size=4, count=5):
+  """A state several steps in: a full window (n = 4), older second moments
+  and gradient statistics that are not zero, a running ``var`` that makes
+  ``r`` differ from 1 without clipping."""
+  _, state = jn.moving_average_batch_norm_init(C, buffer_size=buffer_size)
+  return state._replace(
+    var=jnp.asarray(1.0 + rng.random(C), jnp.float32),
+    second_moments=jnp.asarray(1.0 + 2.0 * rng.random((buffer_size, C)), jnp.float32),
+    grad_moments=jnp.asarray(0.3 * rng.standard_normal((buffer_size, C)), jnp.float32),
+    count=jnp.asarray(count, jnp.int32),
+  )
+
+
+MABN_WARM = dict(renorm_warmup_steps=0, epsilon=1e-5)
+
+
+def _mabn_warm(rng):
+  """MABN in training on a warm state, with a mask. The reference is the
+  paper's forward written out: ``chi_bar`` the mean of the older batches'
+  second moments and this batch's (masked) one, ``r`` frozen at the point of
+  evaluation."""
+  params, _ = jn.moving_average_batch_norm_init(C, param_dtype=jnp.float64)
+  state = _mabn_warm_state(rng)
+  mask = jnp.asarray(rng.random(SHAPE) < 0.7)
+  axes, eps, n = (0, 1, 2), MABN_WARM["epsilon"], state.second_moments.shape[0]
+  slot = int(state.count) % n
+  older = np.delete(np.asarray(state.second_moments, np.float64), slot, axis=0)
+
+  def fn(x, params):
+    return jn.moving_average_batch_norm(
+      x, params, state, use_running_average=False, mask=mask, **MABN_WARM
+    )[0]
+
+  def chi_bar(x):
+    chi = jnp.sum(jnp.where(mask, x**2, 0.0), axes) / jnp.sum(mask, axes)
+    return (older.sum(0) + chi) / n
+
+  def ref(base, x, params):
+    var = jnp.asarray(state.var, jnp.float64)
+    r = jnp.sqrt(chi_bar(base[0]) + eps) / jnp.sqrt(var + eps)
+    return params.scale * r * x / jnp.sqrt(chi_bar(x) + eps) + params.bias
+
+  return Layer(fn, lambda r: (_x(r), _perturb(r, params)), ref)
+
+
+def test_mabn_forward_mode_on_a_warm_state_with_a_mask(x64):
+  """Several steps in (a full window, r != 1, a mask), jvp, jacfwd and
+  linearize are the derivative of the paper's forward formula with ``r``
+  held constant, and the forward pass is that formula."""
+  p = _problem(_mabn_warm)
   z = p.points[0]
-  d = _directions(np.random.default_rng(1), z, 1)[0]
-  run = {
-    "jvp": lambda: jax.jvp(p.f, (z,), (d,))[1],
-    "jacfwd": lambda: jax.jacfwd(p.f)(z) @ d,
-    "linearize": lambda: jax.linearize(p.f, z)[1](d),
-    "hessian": lambda: jax.hessian(p.loss)(z) @ d,
-  }[transform]
-  out = run()
-  assert bool(jnp.all(jnp.isfinite(out)))
+  d = _directions(np.random.default_rng(2), z, 1)[0]
+  assert_close(p.f(z), p.ref_f(z, z), "y vs the paper's forward", rtol=1e-6)
+  # r is not 1 here: the same step with the warm-up still on differs.
+  mabn = functools.partial(jn.moving_average_batch_norm, use_running_average=False)
+  params, _ = jn.moving_average_batch_norm_init(C, param_dtype=jnp.float64)
+  x, params = ravel_pytree((jnp.zeros(SHAPE), params))[1](z)
+  rng = np.random.default_rng(0)  # _problem's seed: _mabn_warm's state and mask
+  state = _mabn_warm_state(rng)
+  mask = jnp.asarray(rng.random(SHAPE) < 0.7)
+  y1 = mabn(x, params, state, mask=mask, renorm_warmup_steps=100)[0]
+  assert float(jnp.max(jnp.abs(y1.ravel() - p.f(z)))) > 1e-2
+  jd, _, _ = _fd_references(p)(z, d, d[None])
+  for k, got in jit(lambda z, d: _forward_mode(p.f, z, d))(z, d).items():
+    assert_close(got, jd, f"{k} vs FD of the paper's forward")
+
+
+def _mabn_grads(f, x, params, state, g):
+  """Gradient of ``sum(y * g)`` with respect to x, the parameters and the
+  state (whose ``grad_moments`` entry carries psi_t), and the jvp along
+  ``g`` (reusing it as a direction for x)."""
+
+  def loss(x, params, state):
+    return jnp.sum(f(x, params, state) * g)
+
+  gx, gp, gs = jax.grad(loss, argnums=(0, 1, 2), allow_int=True)(x, params, state)
+  ty = jax.jvp(lambda x: f(x, params, state), (x,), (g,))[1]
+  return gx, gp, gs.grad_moments, ty
+
+
+def _assert_trees_close(got, want, what):
+  # MABN's statistic is rounded to its float32 state: a merge in another
+  # order can move it by one float32 ulp.
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    assert_close(a, b, what, rtol=1e-6)
+
+
+def test_mabn_sync_derivatives_equal_one_device_on_the_whole_batch(x64):
+  """With ``axis_name`` under ``shard_map`` (4 devices, each its own shard)
+  and under a named ``vmap``, MABN's custom gradient (older psi, the
+  ``grad_moments`` increment) and its jvp equal one device's on the
+  concatenated batch."""
+  rng = np.random.default_rng(4)
+  params, _ = jn.moving_average_batch_norm_init(C, param_dtype=jnp.float64)
+  params = _perturb(rng, params)
+  state = _mabn_warm_state(rng)
+  x = _x(rng, (8, 3, 3, C))
+  g = _normal(rng, x.shape)
+
+  def one(x, params, state, **kw):
+    return jn.moving_average_batch_norm(
+      x, params, state, use_running_average=False, **MABN_WARM, **kw
+    )[0]
+
+  want = _mabn_grads(one, x, params, state, g)
+  assert float(jnp.max(jnp.abs(want[2]))) > 0  # the increment is there
+
+  mesh = jax.make_mesh((4,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+  spec = jax.P("d")
+
+  @jax.jit
+  def sharded(x, params, state, g):
+    def body(x, params, state, g):
+      # The replicated parameters' and state's gradients come back summed
+      # over the devices (the transpose of their broadcast).
+      return _mabn_grads(
+        lambda x, p, s: one(x, p, s, axis_name="d"), x, params, state, g
+      )
+
+    return jax.shard_map(
+      body,
+      mesh=mesh,
+      in_specs=(spec, jax.P(), jax.P(), spec),
+      out_specs=(spec, jax.P(), jax.P(), spec),
+    )(x, params, state, g)
+
+  _assert_trees_close(sharded(x, params, state, g), want, "shard_map vs one device")
+
+  # A named vmap over 2 groups of 4 samples, synced over the vmap axis.
+  def per_group(x, g):
+    return _mabn_grads(lambda x, p, s: one(x, p, s, axis_name="b"), x, params, state, g)
+
+  gx, gp, gm, ty = jax.jit(jax.vmap(per_group, axis_name="b"))(
+    x.reshape(2, 4, *x.shape[1:]), g.reshape(2, 4, *x.shape[1:])
+  )
+  got = (
+    gx.reshape(x.shape),
+    jax.tree.map(lambda v: jnp.sum(v, 0), gp),
+    gm[0],  # each device's state gets the whole increment (a per-device state)
+    ty.reshape(x.shape),
+  )
+  assert_close(gm[1], gm[0], "the increment on each device", rtol=0)
+  _assert_trees_close(got, want, "named vmap vs one device")
+
+
+def test_mabn_grad_of_vmap_equals_per_example_gradients(x64):
+  """``grad`` of a vmapped MABN (each row its own batch, the parameters and
+  the state shared) equals the sum of per-row gradients: the state-dependent
+  part of MABN's backward is batched too."""
+  rng = np.random.default_rng(5)
+  params, _ = jn.moving_average_batch_norm_init(C, param_dtype=jnp.float64)
+  params = _perturb(rng, params)
+  state = _mabn_warm_state(rng)
+  xs = _x(rng, (3, *SHAPE))
+  gs = _normal(rng, xs.shape)
+
+  def f(x, params, state):
+    return jn.moving_average_batch_norm(
+      x, params, state, use_running_average=False, **MABN_WARM
+    )[0]
+
+  def loss(xs, params, state):
+    ys = jax.vmap(f, in_axes=(0, None, None))(xs, params, state)
+    return jnp.sum(ys * gs)
+
+  got = jax.jit(jax.grad(loss, argnums=(0, 1, 2), allow_int=True))(xs, params, state)
+  rows = [_mabn_grads(f, xs[i], params, state, gs[i]) for i in range(len(xs))]
+  want_gx = jnp.stack([r[0] for r in rows])
+  want_gp = jax.tree.map(lambda *v: sum(v), *[r[1] for r in rows])
+  want_gm = sum(r[2] for r in rows)
+  _assert_trees_close(
+    (got[0], got[1], got[2].grad_moments), (want_gx, want_gp, want_gm), "grad(vmap)"
+  )
 
 
 # --- The Hessian of batch norm in training, entry by entry ------------------
