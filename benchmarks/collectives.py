@@ -8,7 +8,8 @@ on 8 devices:
 - ``spmd``: ``jax.jit`` on a 1-D ``data`` mesh, the batch sharded, no
   ``axis_name`` (Auto axes; ``--explicit`` for Explicit ones);
 - ``features``: a 2-D (``data``, ``model``) mesh, the batch on ``data`` and
-  the normalized features (channels) on ``model``;
+  the normalized features (channels) on ``model`` (Auto axes, and Explicit
+  ones);
 - ``shard_map``: a whole training step (Dense, BatchNorm with
   ``axis_name``, Dense, a ``pmean`` loss, SGD) under ``jax.shard_map``.
 
@@ -147,9 +148,11 @@ def spmd_rows(explicit: bool = False) -> list[tuple]:
   return rows
 
 
-def feature_rows() -> list[tuple]:
-  """The same with the normalized features sharded over ``model`` too."""
-  mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+def feature_rows(explicit: bool = False) -> list[tuple]:
+  """The same with the normalized features sharded over ``model`` too
+  (flax's rows on the Auto mesh only)."""
+  kind = AxisType.Explicit if explicit else AxisType.Auto
+  mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(kind,) * 2)
   x = jax.random.normal(jax.random.key(0), SHAPE)
   keep = ("batch_norm", "layer_norm", "rms_norm", "group_norm", "instance_norm")
   rows = []
@@ -158,8 +161,9 @@ def feature_rows() -> list[tuple]:
     for name, (p, f) in jaxnorm_layers().items():
       if name in keep or name == "switchable_norm":
         rows.append(("jaxnorm", name, *counts(f, xs, p)))
-    for name, (p, f) in flax_layers(x).items():
-      rows.append(("flax", name, *counts(f, xs, p)))
+    if not explicit:
+      for name, (p, f) in flax_layers(x).items():
+        rows.append(("flax", name, *counts(f, xs, p)))
   return rows
 
 
@@ -224,7 +228,11 @@ def markdown() -> str:
     "SPMD `jax.jit`, Explicit mesh (`jax.make_mesh` default), batch sharded",
     spmd_rows(explicit=True),
   )
-  table("2-D mesh (4 x 2): batch on `data`, channels on `model`", feature_rows())
+  table("2-D Auto mesh (4 x 2): batch on `data`, channels on `model`", feature_rows())
+  table(
+    "2-D Explicit mesh (4 x 2): batch on `data`, channels on `model`",
+    feature_rows(explicit=True),
+  )
   sm = shard_map_step_counts()
   lines.extend(
     [

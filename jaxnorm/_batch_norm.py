@@ -8,6 +8,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 from jaxnorm import _checks, _stats
@@ -305,8 +306,14 @@ def batch_norm(
     dtype=stats_dtype,
     out_dtype=out_dtype,
   )
-  count = jnp.broadcast_to(count, mean.shape).reshape(fshape)
-  seen = count > 0
+  if isinstance(count, np.ndarray):
+    # Known at trace time (no mask, no named axis): when every channel has
+    # elements, the update needs no select.
+    count = np.broadcast_to(count, mean.shape).reshape(fshape)
+    seen = None if count.all() else count > 0
+  else:
+    count = jnp.broadcast_to(count, mean.shape).reshape(fshape)
+    seen = count > 0
   mean, var = mean.reshape(fshape), var.reshape(fshape)
   if torch_stats:
     return y, _torch_update(state, mean, var, count, momentum)

@@ -63,6 +63,8 @@ def check_hyper(v: Any, name: str, *, low: float = 0.0, high: float = math.inf) 
   it is: a NaN there spreads to the output (see the NaN policy in
   ``docs/numerics.md``).
   """
+  if type(v) is float and low <= v <= high and math.isfinite(v):
+    return v  # The common case, on every call of every layer: no array.
   if v is None or isinstance(v, (bool, np.bool_, str, bytes)):
     raise TypeError(f"`{name}` must be a number, got {v!r}.")
   if not isinstance(v, (int, float, np.number, np.ndarray, jax.Array)):

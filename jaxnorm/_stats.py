@@ -9,7 +9,7 @@ index of the kept axes), with ``count`` the number of elements that enter
 
 .. code-block:: text
 
-  c    = stop_gradient(sum(x) / count)         # first pass: a shift
+  c    = sum(x) / count                        # first pass: a shift
   dev  = sum(x - c)                            # second pass, small numbers
   mean = c + dev / count
   var  = (sum(|x - c|^2) - |dev|^2 / count) / count
@@ -19,46 +19,54 @@ nothing cancels (SPEC rule 5; the one-pass ``E[x^2] - E[x]^2`` loses every
 digit of ``1e4 + N(0, 1)`` in float32), and ``dev`` corrects the rounding of
 the first pass's mean, which the plain two-pass would square into the
 variance (a relative error of ``(d / std)^2``, 1e-2 at ``1e6 + N(0, 1)``).
-The derivatives are exact to every order, because as functions of ``x``
-``c + E[x - c]`` is ``E[x]`` and ``E[|x - c|^2] - |E[x - c]|^2`` is
-``E[|x|^2] - |E[x]|^2`` for *every* constant ``c``: holding ``c`` fixed
-loses nothing. Holding it fixed also means that no derivative reduces over
-``x - mean`` a second time (the derivative of the plain two-pass would: a
-second, sequential all-reduce in every backward pass under data
-parallelism).
+As functions of ``x``, ``c + E[x - c]`` is ``E[x]`` and
+``E[|x - c|^2] - |E[x - c]|^2`` is ``E[|x|^2] - |E[x]|^2`` for *every*
+constant ``c``, so the derivatives are those of the mean and variance
+themselves, whatever ``c``: ``E[dx]`` and ``2 E[Re(conj(x - mean) dx)]``.
+No derivative reduces over ``x`` a second time (the derivative of the
+plain two-pass would: a second, sequential all-reduce in every backward
+pass under data parallelism).
 
 **How devices are merged.**
 
 - Under SPMD ``jax.jit`` (no ``axis_name``) the arrays are global and the
   sums above are global sums: XLA inserts one all-reduce for ``sum(x)`` and
   one for ``dev`` and ``sum(|x - c|^2)`` together; the backward pass needs
-  one more.
+  one more. On an Explicit mesh, where the sharding of ``x`` is known while
+  tracing, the shards' moments are taken under a ``shard_map`` and merged as
+  below instead: one all-reduce forward, one backward
+  (:mod:`jaxnorm._explicit`).
 - With ``axis_name`` (``pmap``, ``shard_map``, named ``vmap``), each device
   takes its own ``(count, mean, m2)`` and a single ``psum`` of one-hot slots
   gathers every device's triple; each device then merges them with Chan et
   al.'s formula, weighted by the counts, so uneven shards and masks are
   exact and the merge never cancels.
 
-**How derivatives flow.** By plain autodiff of the code below, so ``grad``,
-``jvp``, ``linearize``, grad of grad and ``hessian`` all work.
-:func:`normalize_over` runs under ``jax.checkpoint`` with a policy that
-saves only the per-row statistics: reverse mode keeps ``x`` and those, and
+**How derivatives flow.** By JAX's autodiff, so ``grad``, ``jvp``,
+``linearize``, grad of grad and ``hessian`` all work. The two-pass moments
+are a ``jax.custom_jvp`` whose rule is the derivative above, written in
+plain JAX (:func:`_two_pass`), which autodiff differentiates in turn for
+higher orders. :func:`normalize_over` runs under ``jax.checkpoint`` with a
+policy that saves only per-row statistics (the mean, the variance and
+``rsqrt(var + epsilon)``): reverse mode keeps ``x`` and those, and
 recomputes ``x - mean`` where the gradient needs it, fused into the
 backward pass's own reductions.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Hashable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxnorm import _checks
+from jaxnorm import _checks, _explicit
 
 # Per-row statistics are saved for the backward pass under this name; every
 # full-size intermediate is recomputed from ``x`` instead.
@@ -161,16 +169,56 @@ def _reducer(
   return total
 
 
-def _count(x, axes, mask, total, segment, groups, dtype) -> jax.Array:
-  """How many elements of each row enter the statistics, as ``dtype``."""
-  if mask is None:
-    n = math.prod(segment if a == 0 and segment else x.shape[a] for a in axes)
-    if groups is not None:
-      n *= x.shape[groups[0]] // groups[1]
-    return jnp.full((1,) * x.ndim, n, dtype)
-  # A mask that broadcasts along a reduced axis counts once per element there.
-  repeats = math.prod(x.shape[a] for a in axes if mask.shape[a] == 1)
-  return total(mask.astype(dtype)) * float(repeats)
+def _static_count(x_shape, axes, segment, groups) -> int:
+  """How many elements each row has, when no mask leaves some out."""
+  n = math.prod(segment if a == 0 and segment else x_shape[a] for a in axes)
+  if groups is not None:
+    n *= x_shape[groups[0]] // groups[1]
+  return n
+
+
+def _two_pass(total, xf, mask, safe):
+  """``(mean, m2)`` of ``xf`` by the corrected two-pass, differentiated as
+  the moments they are.
+
+  First pass: a shift ``c`` close to the mean. Second pass, over ``x - c``
+  (small numbers): the sum of deviations corrects the mean, and the sum of
+  squares gives ``m2`` (Chan, Golub & LeVeque). As functions of ``x`` these
+  are ``E[x]`` and ``n Var[x]`` whatever ``c`` (see the module docstring),
+  so the JVP below writes out those derivatives, ``sum(dx) / n`` and
+  ``2 sum(Re(conj(x - mean) dx))``, in plain JAX, itself differentiable to
+  every order. Reverse mode then needs only ``x`` and the mean, and shares
+  ``x - mean`` with the derivative of ``(x - mean) * inv``. Autodiff of the
+  two-pass itself keeps ``c`` and ``dev`` as well and recomputes ``x - c``
+  in the backward pass, for XLA to merge again: one block of Dense(64) +
+  layer norm compiled to 385 optimized HLO instructions that way, 319 this
+  way (flax's: 300), and mlp50's XLA compile time went from 1.3 x flax's
+  to 1.1-1.2 x (CPU).
+  """
+  static = isinstance(safe, float)
+
+  def masked(v, mask):
+    return v if mask is None else jnp.where(mask, v, 0.0)
+
+  @jax.custom_jvp
+  def moments2(xf, mask, n):
+    n = safe if static else n
+    c = total(xf) / n
+    d = masked(xf - c, mask)
+    dev = total(d)
+    return c + dev / n, total(abs_sq(d)) - abs_sq(dev) / n
+
+  @moments2.defjvp
+  def _(primals, tangents):
+    xf, mask, n = primals
+    dx = tangents[0]
+    mean, m2 = moments2(xf, mask, n)
+    mean = _saved(mean)
+    n = safe if static else n
+    dm2 = total(masked(jnp.real(jnp.conj(xf - mean) * dx), mask))
+    return (mean, m2), (total(dx) / n, 2.0 * dm2)
+
+  return moments2(xf, mask, 0.0 if static else safe)
 
 
 def local_moments(
@@ -182,22 +230,36 @@ def local_moments(
   dtype: Any,
   segment: int | None = None,
   groups: tuple[int, int] | None = None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+) -> tuple[Any, jax.Array, jax.Array]:
   """``(count, mean, m2)`` of this device's elements; ``m2`` is the sum of
   squared deviations (of squares when ``use_mean`` is false, with ``mean``
-  zero). See the module docstring for the formula."""
-  xf = x.astype(dtype)
-  real = jnp.real(xf).dtype
-  total = _reducer(axes, segment, groups)
-  if segment is not None and mask is not None:
-    mask = jnp.broadcast_to(mask, x.shape[:1] + mask.shape[1:])
-  if groups is not None and mask is not None:
-    mask = jnp.broadcast_to(mask, mask.shape[: groups[0]] + x.shape[groups[0] :])
-  count = _count(xf, axes, mask, total, segment, groups, real)
-  count = jnp.broadcast_to(count, jnp.broadcast_shapes(count.shape, (1,) * xf.ndim))
-  safe = jnp.maximum(count, 1.0)
+  zero). See the module docstring for the formula.
 
-  if mask is not None:
+  Without a mask the count is known at trace time: it comes back as a NumPy
+  array and divides as a Python number, so that no array is built for it.
+  """
+  xf = x.astype(dtype)
+  real = jnp.finfo(dtype).dtype
+  total = _reducer(axes, segment, groups)
+  if mask is None:
+    n = _static_count(x.shape, axes, segment, groups)
+    if isinstance(n, int):
+      count = np.full((1,) * x.ndim, n, real)
+      safe = float(max(n, 1))
+    else:  # a symbolic batch size (jax.export): the count is traced
+      count = jnp.full((1,) * x.ndim, n, real)
+      safe = jnp.maximum(count, 1.0)
+  else:
+    if segment is not None:
+      mask = jnp.broadcast_to(mask, x.shape[:1] + mask.shape[1:])
+    if groups is not None:
+      mask = jnp.broadcast_to(mask, mask.shape[: groups[0]] + x.shape[groups[0] :])
+    # A mask that broadcasts along a reduced axis counts once per element
+    # there.
+    repeats = math.prod(x.shape[a] for a in axes if mask.shape[a] == 1)
+    count = total(mask.astype(real)) * float(repeats)
+    count = jnp.broadcast_to(count, jnp.broadcast_shapes(count.shape, (1,) * x.ndim))
+    safe = jnp.maximum(count, 1.0)
     # Zeroed before any arithmetic, so that a NaN or Inf in a masked-out
     # element reaches neither the statistics nor their gradient (a where
     # after the arithmetic would give 0 * NaN in the backward pass).
@@ -207,17 +269,8 @@ def local_moments(
     return v if mask is None else jnp.where(mask, v, 0.0)
 
   if not use_mean:
-    m2 = total(masked(abs_sq(xf)))
-    return count, jnp.zeros_like(m2, dtype=xf.dtype), m2
-  # First pass: a shift c close to the mean. Second pass, over x - c (small
-  # numbers): the sum of deviations corrects the mean, and the sum of
-  # squares gives m2 (the corrected two-pass of Chan, Golub & LeVeque).
-  # c is saved too: the backward pass needs x - c, and recomputing c would
-  # cost a reduction (an all-reduce under data parallelism).
-  c = _saved(lax.stop_gradient(total(xf) / safe))
-  dev = total(masked(xf - c))
-  mean = _saved(c + dev / safe)
-  m2 = total(masked(abs_sq(xf - c))) - jnp.real(dev * jnp.conj(dev)) / safe
+    return count, None, total(masked(abs_sq(xf)))
+  mean, m2 = _two_pass(total, xf, mask, safe)
   return count, mean, m2
 
 
@@ -300,33 +353,57 @@ def moments(
   consecutive groups of ``k`` and every sample gets its own group's
   statistics (ghost batch norm); groups never span devices of ``sync``.
   """
-  count, mean, m2 = local_moments(
-    x, axes, mask=mask, use_mean=use_mean, dtype=dtype, segment=segment, groups=groups
-  )
-  if sync.axis_name is not None:
-    count, mean, m2 = merge(count, mean, m2, sync)
+  # On an Explicit mesh whose axes split the reduced axes, each shard's
+  # moments and one merge (see jaxnorm/_explicit.py).
+  names = ()
+  if sync.axis_name is None and segment is None:
+    names = _explicit.reduced_mesh_axes(x, axes)
+
+  def local(x, mask):
+    count, mean, m2 = local_moments(
+      x, axes, mask=mask, use_mean=use_mean, dtype=dtype, segment=segment, groups=groups
+    )
+    if mean is None and (names or sync.axis_name is not None):
+      mean = jnp.zeros_like(m2, dtype=dtype)
+    return count, mean, m2
+
+  if names:
+    count, mean, m2 = _explicit.moments_by_shard(x, mask, names, local, merge, Sync)
     mean = _saved(mean)
-  var = m2 / jnp.maximum(count, 1.0)
-  return Moments(mean, _saved(var.astype(jnp.real(mean).dtype)), count)
+  else:
+    count, mean, m2 = local(x, mask)
+    if sync.axis_name is not None:
+      count, mean, m2 = merge(count, mean, m2, sync)
+      mean = _saved(mean)
+  safe = float(max(count.flat[0], 1)) if isinstance(count, np.ndarray) else None
+  var = m2 / (jnp.maximum(count, 1.0) if safe is None else safe)
+  if mean is None:
+    mean = jnp.zeros_like(var, dtype=dtype)
+  return Moments(mean, _saved(var.astype(jnp.finfo(dtype).dtype)), count)
 
 
 # --- 3. Applying them, and what the backward pass keeps ----------------------
 
 
 def _apply(x, scale, bias, mean, inv, out_dtype, dtype, mask=None):
+  """``(x - mean) * inv * scale + bias``; ``mean`` ``None`` is no centering."""
   mul = inv if scale is None else inv * scale.astype(dtype)
   xf = x.astype(dtype)
   if mask is None:
-    y = (xf - mean) * mul
+    y = xf * mul if mean is None else (xf - mean) * mul
   else:
     # Masked-out elements are normalized too, and their cotangents reach the
     # statistics; but one that is NaN or Inf (padding) must not turn the
     # statistics' gradient into 0 * NaN when the loss masks it out: it takes
     # the same value through a branch that holds the statistics constant.
     bad = ~mask & ~jnp.isfinite(xf)
-    safe = (jnp.where(bad, 0.0, xf) - mean) * mul
-    frozen = (xf - lax.stop_gradient(mean)) * lax.stop_gradient(mul)
-    y = jnp.where(bad, frozen, safe)
+    safe = jnp.where(bad, 0.0, xf)
+    if mean is not None:
+      safe = safe - mean
+      frozen = (xf - lax.stop_gradient(mean)) * lax.stop_gradient(mul)
+    else:
+      frozen = xf * lax.stop_gradient(mul)
+    y = jnp.where(bad, frozen, safe * mul)
   if bias is not None:
     y = y + bias.astype(dtype)
   return y.astype(out_dtype)
@@ -372,6 +449,32 @@ def normalize_over(
   if _checks.checks_enabled():  # (the masked copy only when checking)
     _checks.traced_check("x", x if mask is None else jnp.where(mask, x, 0))
 
+  # Without a mask the count is static: it stays a NumPy array, and the
+  # caller can tell at trace time that every row has elements.
+  # (Not with a symbolic batch size, under jax.export.)
+  static = (
+    mask is None and sync.axis_name is None and all(isinstance(d, int) for d in x.shape)
+  )
+  config = (axes, use_mean, sync, dtype, out_dtype, segment, groups, static, affine)
+  run = None
+  if affine is None and sync.axis_name is None:
+    try:
+      run = _cached_runner(*config)
+    except TypeError:  # (an unhashable argument: the same function, uncached)
+      pass
+  run = run or _runner(*config)
+  y, mean, var, count = run(x, scale, bias, mask, epsilon, tuple(affine_args))
+  if static:
+    n = _static_count(x.shape, axes, segment, groups)
+    count = np.full((1,) * x.ndim, n, jnp.finfo(dtype).dtype)
+  _checks.traced_check("mean", mean)
+  _checks.traced_check("var", var)
+  return y, mean, var, count
+
+
+def _runner(axes, use_mean, sync, dtype, out_dtype, segment, groups, static, affine):
+  """The statistics and their application, as one ``jax.checkpoint``."""
+
   def run(x, scale, bias, mask, epsilon, affine_args):
     m = moments(
       x,
@@ -384,20 +487,26 @@ def normalize_over(
       groups=groups,
     )
     mean, var = m.mean, m.var
-    inv = lax.rsqrt(var + epsilon)
+    # inv is saved with the statistics (3 per row in all: mean, var, inv):
+    # recomputed, it came back as a second per-row XLA kernel in every layer.
+    inv = _saved(lax.rsqrt(var + epsilon))
     if affine is not None:
       scale, bias = affine(mean, var, scale, bias, *affine_args)
-    y = _apply(x, scale, bias, mean, inv, out_dtype, dtype, mask)
-    return y, mean, var, m.count
+    y = _apply(x, scale, bias, mean if use_mean else None, inv, out_dtype, dtype, mask)
+    return y, mean, var, (None if static else m.count)
 
   # Reverse mode keeps x and the statistics named _SAVED, nothing full-size.
   # prevent_cse is off: there is no scan or loop here for it to protect, and
   # its optimization barriers would only stand between XLA and fusion.
-  run = jax.checkpoint(run, policy=_POLICY, prevent_cse=False)
-  y, mean, var, count = run(x, scale, bias, mask, epsilon, tuple(affine_args))
-  _checks.traced_check("mean", mean)
-  _checks.traced_check("var", var)
-  return y, mean, var, count
+  return jax.checkpoint(run, policy=_POLICY, prevent_cse=False)
+
+
+# One function per configuration: jax caches the trace of a checkpointed
+# function, and of its derivatives, by the function's identity, so the many
+# layers of one shape in a model trace it once (mlp50 with batch norm:
+# tracing the training step went from 1.3 x flax's time, with a new
+# function per call, to 0.8 x).
+_cached_runner = functools.lru_cache(maxsize=256)(_runner)
 
 
 def normalize_with(

@@ -76,6 +76,35 @@ def test_features_sharded_no_more_than_flax():
   assert ours[0] <= exact[0] and ours[1] <= exact[1]
 
 
+def test_explicit_mesh_merges_in_one_all_reduce(spmd, request):
+  """On an Explicit mesh the shards' moments merge in one psum: batch
+  statistics take 1 all-reduce forward and 2 forward+backward (flax's
+  inexact default; its exact mode takes 2 and 4). Ghost batches still go
+  through the global form."""
+  rows = {name: (fwd, both) for lib, name, fwd, both, _ in spmd if lib == "jaxnorm"}
+  kind = request.node.callspec.id
+  for name in BATCH_STATS - {"ghost batch_norm (k=4)"}:
+    want = (1, 2) if kind == "explicit" else (2, 3)
+    assert rows[name] == want, (kind, name, rows[name])
+
+
+def test_explicit_features_sharded_no_more_than_flax_default():
+  """Channels on ``model`` of an Explicit mesh: exact statistics, and no
+  more all-reduces than flax's default (inexact) layers on an Auto mesh."""
+  ours = {
+    name: (fwd, both)
+    for _, name, fwd, both, _ in collectives.feature_rows(explicit=True)
+  }
+  theirs = {
+    name: (fwd, both)
+    for lib, name, fwd, both, _ in collectives.feature_rows()
+    if lib == "flax"
+  }
+  for name in ("batch_norm", "layer_norm", "rms_norm", "group_norm", "instance_norm"):
+    assert ours[name][0] <= theirs[name][0], (name, ours[name], theirs[name])
+    assert ours[name][1] <= theirs[name][1], (name, ours[name], theirs[name])
+
+
 def test_shard_map_step_no_more_than_flax():
   counts = collectives.shard_map_step_counts()
   assert counts["jaxnorm"] <= counts["flax"], counts
