@@ -79,6 +79,10 @@ def jaxnorm_layers(c: int = SHAPE[-1]) -> dict[str, tuple]:
       lambda *a, **k: jn.batch_norm(*a, **k, virtual_batch_size=4),
       jn.batch_norm_init,
     ),
+    "ghost batch_norm (k=2, within a shard)": _train(
+      lambda *a, **k: jn.batch_norm(*a, **k, virtual_batch_size=2),
+      jn.batch_norm_init,
+    ),
     "batch_renorm": _train(jn.batch_renorm, jn.batch_renorm_init),
     "switchable_norm": _train(jn.switchable_norm, jn.switchable_norm_init),
     "evonorm_b0": _train(jn.evonorm_b0, jn.evonorm_b0_init),

@@ -12,8 +12,10 @@ with ``axis_name``: one all-reduce forward, and by the transpose of that
 ``psum`` one in the backward pass (measured on 8 CPU devices: batch norm 1
 forward and 2 forward+backward, against 2 and 3 for the global form; layer
 norm with its features sharded 1 forward, as flax's inexact default).
-Every other mesh axis keeps its Explicit sharding inside. On an Auto mesh
-the sharding is only chosen after tracing, so the global form stays.
+Every other mesh axis keeps its Explicit sharding inside. Ghost batches
+(``virtual_batch_size``) that lie within each shard need no merge at all;
+those that span devices keep the global form. On an Auto mesh the sharding
+is only chosen after tracing, so the global form stays.
 """
 
 from __future__ import annotations
@@ -52,12 +54,23 @@ def reduced_mesh_axes(x: jax.Array, axes: tuple[int, ...]) -> tuple[str, ...]:
   )
 
 
-def moments_by_shard(x, mask, names, local_moments, merge, sync_type):
+def local_segments(x: jax.Array, names: tuple[str, ...], k: int) -> bool:
+  """Whether ghost batches of ``k`` samples lie within each shard: ``names``
+  split the batch axis 0 and nothing else, into shards of a multiple of
+  ``k`` samples."""
+  mesh = jax.typeof(x).sharding.mesh
+  size = math.prod(mesh.shape[n] for n in names)
+  return set(names) == set(_names(_spec(x)[0])) and (x.shape[0] // size) % k == 0
+
+
+def moments_by_shard(x, mask, names, local_moments, merge, sync_type, per_sample=False):
   """``(count, mean, m2)`` over every device's shard, merged in one psum.
 
   ``local_moments(x, mask)`` gives one shard's triple; ``merge(count, mean,
   m2, sync)`` merges them over the devices of ``sync``, built here as
-  ``sync_type(names, size, None)``.
+  ``sync_type(names, size, None)``. With ``per_sample`` (ghost batches that
+  :func:`local_segments` found within each shard) the statistics are per
+  sample, already complete on each shard, and nothing is merged.
   """
   mesh = jax.typeof(x).sharding.mesh
   size = math.prod(mesh.shape[n] for n in names)
@@ -84,13 +97,16 @@ def moments_by_shard(x, mask, names, local_moments, merge, sync_type):
     # be sharded along a kept axis where the count is not.
     zeros = jnp.zeros_like(mean, jnp.real(mean).dtype)
     count = jnp.asarray(count, zeros.dtype) + zeros
+    if per_sample:
+      return count, mean, m2
     return merge(count, mean, m2, sync_type(names, size, None))
 
   args = (x,) if mask is None else (x, mask)
+  out = P(x_spec[0]) if per_sample else P()
   return jax.shard_map(
     local,
     mesh=mesh,  # (x's own: a context mesh need not be set)
     in_specs=tuple(manual(v) for v in args),
-    out_specs=(P(), P(), P()),
+    out_specs=(out, out, out),
     axis_names=frozenset(names),
   )(*args)

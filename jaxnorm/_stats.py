@@ -356,8 +356,12 @@ def moments(
   # On an Explicit mesh whose axes split the reduced axes, each shard's
   # moments and one merge (see jaxnorm/_explicit.py).
   names = ()
-  if sync.axis_name is None and segment is None:
+  if sync.axis_name is None:
     names = _explicit.reduced_mesh_axes(x, axes)
+    # Ghost batches only when each lies within a shard (then nothing is
+    # merged at all); those that span devices keep the global form.
+    if names and segment is not None:
+      names = names if _explicit.local_segments(x, names, segment) else ()
 
   def local(x, mask):
     count, mean, m2 = local_moments(
@@ -368,7 +372,9 @@ def moments(
     return count, mean, m2
 
   if names:
-    count, mean, m2 = _explicit.moments_by_shard(x, mask, names, local, merge, Sync)
+    count, mean, m2 = _explicit.moments_by_shard(
+      x, mask, names, local, merge, Sync, per_sample=segment is not None
+    )
     mean = _saved(mean)
   else:
     count, mean, m2 = local(x, mask)

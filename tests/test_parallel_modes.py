@@ -5,7 +5,8 @@ SPMD ``jit`` the statistics must already be global, so a sharded run must
 give the unsharded outputs (to 2e-5), new state and gradients (to 2e-4),
 whatever axis is sharded. The batch is sharded over ``data`` (a different
 shard per device); on the 2-D mesh the channels are also sharded over
-``model``. Masks and ghost batches that span devices are covered too.
+``model``. Masks, and ghost batches that span devices or lie within one,
+are covered too.
 Masks and the linen and nnx modules run on the Auto 1-D and the Explicit
 2-D mesh (which also shards the batch over an Explicit axis), the functions
 on all four meshes.
@@ -54,6 +55,10 @@ LAYERS = {
   "ghost_batch": (
     jn.batch_norm_init,
     _stateful(jn.batch_norm, virtual_batch_size=4),  # groups span 2 devices
+  ),
+  "ghost_batch_local": (
+    jn.batch_norm_init,
+    _stateful(jn.batch_norm, virtual_batch_size=2),  # groups within a device
   ),
   "layer": (
     lambda c: (jn.layer_norm_init((H, W, c)), None),
@@ -207,6 +212,7 @@ def test_function_with_mask_equals_unsharded(name, mesh_name):
 # need no collective. Ghost batches of 2 stay within a device's shard of 2.
 SYNCED = {"batch", "ghost_batch", "switchable", "batch_renorm", "evonorm_b0", "mabn"}
 SHARD_MAP_LAYERS = dict(LAYERS)
+del SHARD_MAP_LAYERS["ghost_batch_local"]  # ghost_batch below is that case
 SHARD_MAP_LAYERS["ghost_batch"] = (
   jn.batch_norm_init,
   _stateful(jn.batch_norm, virtual_batch_size=2),
