@@ -75,7 +75,7 @@ def jaxnorm_layers(c: int = SHAPE[-1]) -> dict[str, tuple]:
   """name: (params, f(x, params) -> y), every layer in training mode."""
   return {
     "batch_norm": _train(jn.batch_norm, jn.batch_norm_init),
-    "ghost batch_norm (k=4)": _train(
+    "ghost batch_norm (k=4, across 2 shards)": _train(
       lambda *a, **k: jn.batch_norm(*a, **k, virtual_batch_size=4),
       jn.batch_norm_init,
     ),

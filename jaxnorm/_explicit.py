@@ -14,8 +14,10 @@ forward and 2 forward+backward, against 2 and 3 for the global form; layer
 norm with its features sharded 1 forward, as flax's inexact default).
 Every other mesh axis keeps its Explicit sharding inside. Ghost batches
 (``virtual_batch_size``) that lie within each shard need no merge at all;
-those that span devices keep the global form. On an Auto mesh the sharding
-is only chosen after tracing, so the global form stays.
+those made of whole shards merge within groups of consecutive devices, in
+the same single psum (1 forward, 2 forward+backward, against 2 and 3 for
+the global form); any other split keeps the global form. On an Auto mesh
+the sharding is only chosen after tracing, so the global form stays.
 """
 
 from __future__ import annotations
@@ -54,26 +56,40 @@ def reduced_mesh_axes(x: jax.Array, axes: tuple[int, ...]) -> tuple[str, ...]:
   )
 
 
-def local_segments(x: jax.Array, names: tuple[str, ...], k: int) -> bool:
-  """Whether ghost batches of ``k`` samples lie within each shard: ``names``
-  split the batch axis 0 and nothing else, into shards of a multiple of
-  ``k`` samples."""
+def ghost_span(x: jax.Array, names: tuple[str, ...], k: int) -> int | None:
+  """How many shards one ghost batch of ``k`` samples spans, when ``names``
+  split the batch axis 0 and nothing else: 1 when every shard holds whole
+  ghost batches, ``m`` when every ghost batch is ``m`` whole consecutive
+  shards, ``None`` otherwise (a ghost batch cut across a shard)."""
+  if set(names) != set(_names(_spec(x)[0])):
+    return None
   mesh = jax.typeof(x).sharding.mesh
-  size = math.prod(mesh.shape[n] for n in names)
-  return set(names) == set(_names(_spec(x)[0])) and (x.shape[0] // size) % k == 0
+  shard = x.shape[0] // math.prod(mesh.shape[n] for n in names)
+  if shard % k == 0:
+    return 1
+  return k // shard if k % shard == 0 else None
 
 
-def moments_by_shard(x, mask, names, local_moments, merge, sync_type, per_sample=False):
+def moments_by_shard(
+  x, mask, names, local_moments, merge, sync_type, per_sample=False, span=1
+):
   """``(count, mean, m2)`` over every device's shard, merged in one psum.
 
   ``local_moments(x, mask)`` gives one shard's triple; ``merge(count, mean,
   m2, sync)`` merges them over the devices of ``sync``, built here as
-  ``sync_type(names, size, None)``. With ``per_sample`` (ghost batches that
-  :func:`local_segments` found within each shard) the statistics are per
-  sample, already complete on each shard, and nothing is merged.
+  ``sync_type(names, size, groups)``. With ``per_sample`` (ghost batches,
+  see :func:`ghost_span`) the statistics come back per sample: with
+  ``span`` 1 they are already complete on each shard and nothing is merged;
+  with ``span`` ``m`` each shard's triple merges with those of the ``m``
+  consecutive shards of its ghost batch (``names`` in the order that splits
+  axis 0, so that the flattened device index is the shard's position).
   """
   mesh = jax.typeof(x).sharding.mesh
   size = math.prod(mesh.shape[n] for n in names)
+  groups = None
+  if span > 1:
+    names = _names(_spec(x)[0])
+    groups = tuple(tuple(range(g, g + span)) for g in range(0, size, span))
 
   def manual(v):
     # Only the merged mesh axes become manual; the others stay Explicit.
@@ -97,9 +113,13 @@ def moments_by_shard(x, mask, names, local_moments, merge, sync_type, per_sample
     # be sharded along a kept axis where the count is not.
     zeros = jnp.zeros_like(mean, jnp.real(mean).dtype)
     count = jnp.asarray(count, zeros.dtype) + zeros
-    if per_sample:
+    if per_sample and span == 1:
       return count, mean, m2
-    return merge(count, mean, m2, sync_type(names, size, None))
+    count, mean, m2 = merge(count, mean, m2, sync_type(names, size, groups))
+    if per_sample:  # this shard's samples all share their ghost batch's
+      rows = (x.shape[0],) + mean.shape[1:]
+      count, mean, m2 = (jnp.broadcast_to(v, rows) for v in (count, mean, m2))
+    return count, mean, m2
 
   args = (x,) if mask is None else (x, mask)
   out = P(x_spec[0]) if per_sample else P()

@@ -355,17 +355,28 @@ def moments(
   """
   # On an Explicit mesh whose axes split the reduced axes, each shard's
   # moments and one merge (see jaxnorm/_explicit.py).
-  names = ()
+  names, span = (), 1
   if sync.axis_name is None:
     names = _explicit.reduced_mesh_axes(x, axes)
-    # Ghost batches only when each lies within a shard (then nothing is
-    # merged at all); those that span devices keep the global form.
+    # Ghost batches: each within a shard (nothing is merged) or made of
+    # whole shards (merged within groups of devices); a ghost batch cut
+    # across a shard keeps the global form.
     if names and segment is not None:
-      names = names if _explicit.local_segments(x, names, segment) else ()
+      span = _explicit.ghost_span(x, names, segment)
+      if span is None:
+        names, span = (), 1
+  # A ghost batch of whole shards is each shard's own statistics, merged.
+  local_segment = segment if span == 1 else None
 
   def local(x, mask):
     count, mean, m2 = local_moments(
-      x, axes, mask=mask, use_mean=use_mean, dtype=dtype, segment=segment, groups=groups
+      x,
+      axes,
+      mask=mask,
+      use_mean=use_mean,
+      dtype=dtype,
+      segment=local_segment,
+      groups=groups,
     )
     if mean is None and (names or sync.axis_name is not None):
       mean = jnp.zeros_like(m2, dtype=dtype)
@@ -373,7 +384,7 @@ def moments(
 
   if names:
     count, mean, m2 = _explicit.moments_by_shard(
-      x, mask, names, local, merge, Sync, per_sample=segment is not None
+      x, mask, names, local, merge, Sync, per_sample=segment is not None, span=span
     )
     mean = _saved(mean)
   else:

@@ -357,6 +357,62 @@ def test_nnx_module_equals_unsharded(name, mesh_name, train):
   _assert_close(got, want, GRAD_TOL)
 
 
+@pytest.mark.parametrize("k", [4, 8])
+def test_ghost_batches_of_whole_shards_merge_in_groups(k):
+  """Ghost batches of ``k`` samples made of whole shards (2 samples each:
+  the batch split over both axes of an Explicit mesh, in the order
+  ``('model', 'data')``) merge within groups of consecutive devices in one
+  all-reduce, and equal the unsharded run, with a mask."""
+  mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+  spec = P(("model", "data"))
+  init, apply = LAYERS["batch"]
+  params, state = init(C)
+  params = _perturb(params)
+  x, w, mask = _data(with_mask=True)
+  step = _step_fn(lambda *a: apply(*a, virtual_batch_size=k), True)
+  want = jax.jit(step)(x, params, state, mask, w)
+  with jax.set_mesh(mesh):
+    xs, ws, ms = (jax.device_put(v, NamedSharding(mesh, spec)) for v in (x, w, mask))
+    got = jax.device_get(jax.jit(step)(xs, params, state, ms, ws))
+
+    def forward(x, m):
+      return apply(x, params, state, m, True, virtual_batch_size=k)[0]
+
+    hlo = jax.jit(forward).lower(xs, ms).compile().as_text()
+  _assert_close(got[:2], want[:2], OUT_TOL)
+  _assert_close(got[2], want[2], GRAD_TOL)
+  # One merge for y (the global form takes two).
+  assert hlo.count(" all-reduce(") + hlo.count(" all-reduce-start(") == 1, hlo
+
+
+@pytest.mark.parametrize(
+  "n, k, spec",
+  [
+    (24, 2, P("data")),  # shards of 3 samples: ghost batches cut across them
+    (16, 4, P("data", None, "model")),  # a reduced axis besides the batch split
+  ],
+)
+def test_ghost_batches_across_shards_take_the_global_form(n, k, spec):
+  mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+  if spec == P("data"):
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
+  params, state = jn.batch_norm_init(C)
+  x = (
+    jax.random.normal(jax.random.key(5), (n, H, 4, C)) * 1.5
+    + jnp.arange(n)[:, None, None, None]
+  )
+
+  def f(x):
+    return jn.batch_norm(
+      x, params, state, use_running_average=False, virtual_batch_size=k
+    )
+
+  want = jax.jit(f)(x)
+  with jax.set_mesh(mesh):
+    got = jax.device_get(jax.jit(f)(jax.device_put(x, NamedSharding(mesh, spec))))
+  _assert_close(got, want, OUT_TOL)
+
+
 def test_explicit_outputs_keep_the_input_sharding():
   """The output of an Explicit-mesh layer is sharded like its input."""
   mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
