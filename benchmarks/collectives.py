@@ -1,9 +1,10 @@
-"""All-reduces per layer and parallel mode, jaxnorm against flax.
+"""Collectives per layer and parallel mode, jaxnorm against flax.
 
-Counts the all-reduces in the compiled HLO (``jax.jit(f).lower(...)
-.compile().as_text()``) of each layer's forward pass and of forward+backward
-(the gradient of ``sum(y**2)`` with respect to ``x`` and the parameters),
-on 8 devices:
+Counts the collectives (all-reduce, all-gather, reduce-scatter, all-to-all,
+collective-permute; an async start/done pair once) in the compiled HLO
+(``jax.jit(f).lower(...).compile().as_text()``) of each layer's forward
+pass and of forward+backward (the gradient of ``sum(y**2)`` with respect
+to ``x`` and the parameters), on 8 devices, and names the kinds that occur:
 
 - ``spmd``: ``jax.jit`` on a 1-D ``data`` mesh, the batch sharded, no
   ``axis_name`` (Auto axes; ``--explicit`` for Explicit ones);
@@ -50,9 +51,29 @@ def compiled_text(f: Callable, *args) -> str:
   return jax.jit(f).lower(*args).compile().as_text()
 
 
+KINDS = (
+  "all-reduce",
+  "all-gather",
+  "reduce-scatter",
+  "all-to-all",
+  "collective-permute",
+)
+
+
+def collective_kinds(text: str) -> dict[str, int]:
+  """Collective ops in compiled HLO by kind (an async ``-start`` counts
+  once), the kinds that occur."""
+  found = {k: len(re.findall(rf"\b{k}(?:-start)?\(", text)) for k in KINDS}
+  return {k: n for k, n in found.items() if n}
+
+
+def count_collectives(text: str) -> int:
+  return sum(collective_kinds(text).values())
+
+
 def count_all_reduces(text: str) -> int:
   """All-reduce ops in compiled HLO (``all-reduce-start`` on GPUs)."""
-  return len(re.findall(r"\ball-reduce(?:-start)?\(", text))
+  return collective_kinds(text).get("all-reduce", 0)
 
 
 def has_branch(text: str) -> bool:
@@ -130,14 +151,16 @@ def _fwd_bwd(f):
   return g
 
 
-def counts(f, x, params) -> tuple[int, int, bool]:
-  """(forward all-reduces, forward+backward all-reduces, any branch)."""
+def counts(f, x, params) -> tuple[int, int, bool, str]:
+  """(forward collectives, forward+backward collectives, any branch, kinds)."""
   fwd, both = compiled_text(f, x, params), compiled_text(_fwd_bwd(f), x, params)
-  return count_all_reduces(fwd), count_all_reduces(both), has_branch(fwd + both)
+  kinds = collective_kinds(fwd + both)
+  names = ", ".join(k for k in KINDS if k in kinds) or "–"
+  return count_collectives(fwd), count_collectives(both), has_branch(fwd + both), names
 
 
 def spmd_rows(explicit: bool = False) -> list[tuple]:
-  """(library, layer, fwd, fwd+bwd, branch) with the batch sharded."""
+  """(library, layer, fwd, fwd+bwd, branch, kinds) with the batch sharded."""
   kind = AxisType.Explicit if explicit else AxisType.Auto
   mesh = jax.make_mesh((8,), ("data",), axis_types=(kind,))
   x = jax.random.normal(jax.random.key(0), SHAPE)
@@ -153,26 +176,39 @@ def spmd_rows(explicit: bool = False) -> list[tuple]:
 
 
 def feature_rows(explicit: bool = False) -> list[tuple]:
-  """The same with the normalized features sharded over ``model`` too
-  (flax's rows on the Auto mesh only)."""
+  """The same with the normalized features sharded over ``model`` too, and
+  the per-channel parameters (flax's rows on the Auto mesh only)."""
   kind = AxisType.Explicit if explicit else AxisType.Auto
   mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(kind,) * 2)
   x = jax.random.normal(jax.random.key(0), SHAPE)
   keep = ("batch_norm", "layer_norm", "rms_norm", "group_norm", "instance_norm")
   rows = []
+
+  def per_channel_on_model(params):
+    # Tensor parallelism's layout: per-channel parameters split like the
+    # channels (replicated ones would have their gradients all-gathered).
+    return jax.tree.map(
+      lambda v: (
+        jax.device_put(v, NamedSharding(mesh, P("model")))
+        if v.shape == SHAPE[-1:]
+        else v
+      ),
+      params,
+    )
+
   with jax.set_mesh(mesh):
     xs = jax.device_put(x, NamedSharding(mesh, P("data", None, None, "model")))
     for name, (p, f) in jaxnorm_layers().items():
       if name in keep or name == "switchable_norm":
-        rows.append(("jaxnorm", name, *counts(f, xs, p)))
+        rows.append(("jaxnorm", name, *counts(f, xs, per_channel_on_model(p))))
     if not explicit:
       for name, (p, f) in flax_layers(x).items():
-        rows.append(("flax", name, *counts(f, xs, p)))
+        rows.append(("flax", name, *counts(f, xs, per_channel_on_model(p))))
   return rows
 
 
 def shard_map_step_counts() -> dict[str, int]:
-  """All-reduces of one training step with ``BatchNorm(axis_name="data")``."""
+  """Collectives of one training step with ``BatchNorm(axis_name="data")``."""
   mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
   x = jax.random.normal(jax.random.key(0), (64, 16))
   target = jnp.ones((64, 4))
@@ -204,27 +240,37 @@ def shard_map_step_counts() -> dict[str, int]:
     )
     with jax.set_mesh(mesh):
       xs, ts = jax.device_put(x, P("data")), jax.device_put(target, P("data"))
-      out[lib] = count_all_reduces(compiled_text(f, variables, xs, ts))
+      out[lib] = count_collectives(compiled_text(f, variables, xs, ts))
   return out
 
 
 def markdown() -> str:
   lines = [
-    "# All-reduces per layer and parallel mode",
+    "# Collectives per layer and parallel mode",
     "",
     f"Compiled HLO on 8 simulated CPU devices (jax {jax.__version__}); "
     f"activations {SHAPE} (N, H, W, C). Regenerate with "
     "`python benchmarks/collectives.py`.",
     "",
+    "Every collective in the compiled programs is counted (all-reduce, "
+    "all-gather, reduce-scatter, all-to-all, collective-permute; an async "
+    "pair once); `kinds` names those that occur, forward or backward. "
+    "`branch`: a `conditional`, or an all-reduce of a predicate.",
+    "",
   ]
 
   def table(title, rows):
     lines.extend(
-      [f"## {title}", "", "| library | layer | forward | fwd+bwd | branch |"]
+      [
+        f"## {title}",
+        "",
+        "| library | layer | forward | fwd+bwd | kinds | branch |",
+        "|---|---|---|---|---|---|",
+      ]
     )
-    lines.append("|---|---|---|---|---|")
-    for lib, name, fwd, both, branch in rows:
-      lines.append(f"| {lib} | {name} | {fwd} | {both} | {'yes' if branch else 'no'} |")
+    for lib, name, fwd, both, branch, kinds in rows:
+      branch = "yes" if branch else "no"
+      lines.append(f"| {lib} | {name} | {fwd} | {both} | {kinds} | {branch} |")
     lines.append("")
 
   table("SPMD `jax.jit`, Auto mesh, batch sharded over 8 devices", spmd_rows())
@@ -242,7 +288,7 @@ def markdown() -> str:
     [
       "## `shard_map`, one training step with `BatchNorm(axis_name='data')`",
       "",
-      "| library | all-reduces per step |",
+      "| library | collectives per step |",
       "|---|---|",
       *(f"| {lib} | {n} |" for lib, n in sm.items()),
       "",

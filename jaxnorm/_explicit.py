@@ -16,8 +16,15 @@ Every other mesh axis keeps its Explicit sharding inside. Ghost batches
 (``virtual_batch_size``) that lie within each shard need no merge at all;
 those made of whole shards merge within groups of consecutive devices, in
 the same single psum (1 forward, 2 forward+backward, against 2 and 3 for
-the global form); any other split keeps the global form. On an Auto mesh
-the sharding is only chosen after tracing, so the global form stays.
+the global form); any other split keeps the global form.
+
+On an Auto mesh the sharding is only chosen after tracing. There, for batch
+statistics, the batch axis is cut into as many blocks as there are devices
+(:func:`auto_blocks`; ghost batches into blocks of each ghost batch,
+:func:`auto_ghost_blocks`); each block's moments are taken where it lies,
+and the blocks' moments, asked to be replicated, reach every device in one
+all-gather and merge there (:func:`jaxnorm._stats.moments`): one collective
+forward, two forward+backward, when the batch is split evenly.
 """
 
 from __future__ import annotations
@@ -56,6 +63,61 @@ def reduced_mesh_axes(x: jax.Array, axes: tuple[int, ...]) -> tuple[str, ...]:
   )
 
 
+def _auto_devices(x: jax.Array) -> int:
+  """How many devices the Auto axes of ``x``'s mesh hold (1 without one)."""
+  mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+  if mesh is None or not mesh.axis_names:
+    return 1
+  kinds = zip(mesh.axis_sizes, mesh.axis_types, strict=True)
+  return math.prod(size for size, kind in kinds if kind == AxisType.Auto)
+
+
+def auto_blocks(x: jax.Array, axes: tuple[int, ...]) -> tuple[int, int] | None:
+  """On an Auto mesh, for batch statistics: ``(0, blocks)``, the batch axis
+  cut into blocks whose moments are each taken where they lie, or ``None``.
+
+  XLA chooses an Auto mesh's shardings after tracing, so which axis is split
+  is not known here; the guess is the batch axis (data parallelism), split
+  evenly. ``blocks`` divides both its length and the number of devices of
+  the mesh's Auto axes, so that such a split over any of them puts whole
+  blocks on every device. A wrong guess costs collectives, never exactness.
+
+  Per-sample statistics (layer norm over features split by tensor
+  parallelism) are left to XLA: cutting the features into blocks costs
+  compute wherever they are not split, the common case (measured on 8 CPU
+  devices with the batch split: layer norm 4.5 x slower forward over 64
+  features, 1.25 x forward+backward over 1024), to save one all-reduce
+  where they are.
+  """
+  devices, length = _auto_devices(x), x.shape[0]
+  if devices < 2 or 0 not in axes or not isinstance(length, int):
+    return None
+  blocks = math.gcd(length, devices)
+  return (0, blocks) if blocks > 1 else None
+
+
+def auto_ghost_blocks(x: jax.Array, k: int) -> int | None:
+  """On an Auto mesh: into how many blocks each ghost batch of ``k``
+  samples is cut so that every block lies within one device's share of the
+  batch (1 when shares hold whole ghost batches, ``m`` when a ghost batch
+  spans ``m`` whole shares), or ``None`` (no Auto mesh, or shares that cut
+  ghost batches). As for :func:`auto_blocks`, the batch is guessed to be
+  split evenly over every device; a wrong guess costs collectives only."""
+  devices, n = _auto_devices(x), x.shape[0]
+  if devices < 2 or not isinstance(n, int) or n % devices:
+    return None
+  share = n // devices
+  if share % k == 0:
+    return 1
+  return k // share if k % share == 0 else None
+
+
+def is_split(x: jax.Array, axis: int) -> bool:
+  """Whether a mesh axis splits ``axis`` of ``x`` (by its type)."""
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  return bool(getattr(sharding, "spec", None)) and bool(_names(_spec(x)[axis]))
+
+
 def ghost_span(x: jax.Array, names: tuple[str, ...], k: int) -> int | None:
   """How many shards one ghost batch of ``k`` samples spans, when ``names``
   split the batch axis 0 and nothing else: 1 when every shard holds whole
@@ -71,18 +133,26 @@ def ghost_span(x: jax.Array, names: tuple[str, ...], k: int) -> int | None:
 
 
 def moments_by_shard(
-  x, mask, names, local_moments, merge, sync_type, per_sample=False, span=1
+  x, mask, axes, names, local_moments, merge, sync_type, per_sample=False, span=1
 ):
-  """``(count, mean, m2)`` over every device's shard, merged in one psum.
+  """``(count, hi, m2, lo)`` over every device's shard, merged in one psum
+  (the mean is ``hi + lo``).
 
-  ``local_moments(x, mask)`` gives one shard's triple; ``merge(count, mean,
-  m2, sync)`` merges them over the devices of ``sync``, built here as
-  ``sync_type(names, size, groups)``. With ``per_sample`` (ghost batches,
-  see :func:`ghost_span`) the statistics come back per sample: with
-  ``span`` 1 they are already complete on each shard and nothing is merged;
-  with ``span`` ``m`` each shard's triple merges with those of the ``m``
-  consecutive shards of its ghost batch (``names`` in the order that splits
-  axis 0, so that the flattened device index is the shard's position).
+  ``local_moments(x, mask)`` gives one shard's ``(count, hi, m2, lo)``
+  over ``axes``; ``merge(count, hi, m2, lo, sync)`` merges them over the
+  devices of ``sync``,
+  built here as ``sync_type(names, size, groups)``. With ``per_sample``
+  (ghost batches, see :func:`ghost_span`) the statistics come back per
+  sample: with ``span`` 1 they are already complete on each shard and
+  nothing is merged; with ``span`` ``m`` each shard's triple merges with
+  those of the ``m`` consecutive shards of its ghost batch (``names`` in the
+  order that splits axis 0, so that the flattened device index is the
+  shard's position).
+
+  Every mesh axis that splits ``x`` is manual inside, not only the merged
+  ones: the statistics stay split along the kept axes as ``x`` is. (With
+  only the merged axes manual, XLA gathered ``x`` whole over the others:
+  layer norm on a 2-D mesh took 4 all-gathers forward, 23 backward.)
   """
   mesh = jax.typeof(x).sharding.mesh
   size = math.prod(mesh.shape[n] for n in names)
@@ -90,43 +160,42 @@ def moments_by_shard(
   if span > 1:
     names = _names(_spec(x)[0])
     groups = tuple(tuple(range(g, g + span)) for g in range(0, size, span))
-
-  def manual(v):
-    # Only the merged mesh axes become manual; the others stay Explicit.
-    return P(*(tuple(n for n in _names(e) if n in names) or None for e in _spec(v)))
-
-  x_spec = manual(x)
+  x_spec = _spec(x)
+  manual = frozenset(n for entry in x_spec for n in _names(entry))
+  specs = [P(*x_spec)]
   if mask is not None:
-    # The mask must split like x wherever it is not broadcast; reshard
-    # slices a replicated mask, which needs no communication.
-    full = []
-    for d, entry in enumerate(_spec(mask)):
-      other = tuple(n for n in _names(entry) if n not in names)
-      split = _names(x_spec[d]) if mask.shape[d] == x.shape[d] else ()
-      full.append(other + split or None)
-    if tuple(full) != _spec(mask):
-      mask = jax.sharding.reshard(mask, P(*full))
+    # The mask splits like x wherever it is not broadcast; reshard slices
+    # a replicated mask, which needs no communication.
+    want = tuple(
+      x_spec[d] if mask.shape[d] == x.shape[d] else None for d in range(x.ndim)
+    )
+    if want != _spec(mask):
+      mask = jax.sharding.reshard(mask, P(*want))
+    specs.append(P(*want))
 
   def local(x, mask=None):
-    count, mean, m2 = local_moments(x, mask)
-    # One stack of (count, mean, m2) wants one sharding; the statistics may
-    # be sharded along a kept axis where the count is not.
-    zeros = jnp.zeros_like(mean, jnp.real(mean).dtype)
+    count, hi, m2, lo = local_moments(x, mask)
+    # One stack of (count, hi, m2, lo) wants one sharding; the statistics
+    # may be sharded along a kept axis where the count is not.
+    zeros = jnp.zeros_like(hi, jnp.real(hi).dtype)
     count = jnp.asarray(count, zeros.dtype) + zeros
-    if per_sample and span == 1:
-      return count, mean, m2
-    count, mean, m2 = merge(count, mean, m2, sync_type(names, size, groups))
+    if not (per_sample and span == 1):
+      sync = sync_type(names, size, groups)
+      count, hi, m2, lo = merge(count, hi, m2, lo, sync)
     if per_sample:  # this shard's samples all share their ghost batch's
-      rows = (x.shape[0],) + mean.shape[1:]
-      count, mean, m2 = (jnp.broadcast_to(v, rows) for v in (count, mean, m2))
-    return count, mean, m2
+      rows = (x.shape[0],) + hi.shape[1:]
+      return tuple(jnp.broadcast_to(v, rows) for v in (count, hi, m2, lo))
+    return count, hi, m2, lo
 
+  # The statistics keep x's split along every axis they keep (axis 0 too
+  # for ghost batches, whose statistics are per sample).
+  kept = [d not in axes or (per_sample and d == 0) for d in range(x.ndim)]
+  out = P(*(e if k else None for e, k in zip(x_spec, kept, strict=True)))
   args = (x,) if mask is None else (x, mask)
-  out = P(x_spec[0]) if per_sample else P()
   return jax.shard_map(
     local,
     mesh=mesh,  # (x's own: a context mesh need not be set)
-    in_specs=tuple(manual(v) for v in args),
-    out_specs=(out, out, out),
-    axis_names=frozenset(names),
+    in_specs=tuple(specs),
+    out_specs=(out,) * 4,
+    axis_names=manual,
   )(*args)

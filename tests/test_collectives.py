@@ -1,11 +1,12 @@
-"""All-reduces counted in the compiled HLO, per layer and parallel mode.
+"""Collectives counted in the compiled HLO, per layer and parallel mode.
 
 The counts come from ``benchmarks/collectives.py`` (which also writes the
-table in ``docs/benchmarks/collectives.md``); the bounds are the issue's:
-exact batch statistics in at most 2 all-reduces forward and 3
-forward+backward, none for per-sample statistics except the parameter
-gradients, never a branch, and no more than flax where flax's layer does
-the same job.
+table in ``docs/benchmarks/collectives.md``) and take in every kind of
+collective, all-gathers too; the bounds are the issue's: exact batch
+statistics in at most 2 collectives forward and 3 forward+backward (in
+fact 1 and 2 on both kinds of mesh), none for per-sample statistics except
+the parameter gradients, never a branch, and no more than flax where
+flax's layer does the same job.
 """
 
 import importlib.util
@@ -36,7 +37,7 @@ def spmd(request):
 def test_spmd_counts(spmd):
   rows = {
     name: (fwd, both, branch)
-    for lib, name, fwd, both, branch in spmd
+    for lib, name, fwd, both, branch, _ in spmd
     if lib == "jaxnorm"
   }
   assert len(rows) == len(collectives.jaxnorm_layers())
@@ -50,7 +51,7 @@ def test_spmd_counts(spmd):
 
 def test_spmd_beats_flax_exact_batch_norm():
   rows = {
-    (lib, name): (fwd, both) for lib, name, fwd, both, _ in collectives.spmd_rows()
+    (lib, name): (fwd, both) for lib, name, fwd, both, *_ in collectives.spmd_rows()
   }
   ours = rows["jaxnorm", "batch_norm"]
   flax_exact = rows["flax", "batch_norm (exact: use_fast_variance=False)"]
@@ -61,50 +62,59 @@ def test_spmd_beats_flax_exact_batch_norm():
 
 def test_features_sharded_no_more_than_flax():
   rows = {
-    (lib, name): (fwd, both) for lib, name, fwd, both, _ in collectives.feature_rows()
+    (lib, name): (fwd, both) for lib, name, fwd, both, *_ in collectives.feature_rows()
   }
+  # Exact statistics, and no more collectives than flax's default (inexact
+  # for batch norm: E[x^2] - E[x]^2).
   for name in ("batch_norm", "rms_norm", "group_norm", "instance_norm"):
-    flax_name = name
-    if name == "batch_norm":
-      flax_name = "batch_norm (exact: use_fast_variance=False)"
-    ours, theirs = rows["jaxnorm", name], rows["flax", flax_name]
+    ours, theirs = rows["jaxnorm", name], rows["flax", name]
     assert ours[0] <= theirs[0] and ours[1] <= theirs[1], (name, ours, theirs)
-  # Layer norm over sharded features is exact, so it is held to flax's
-  # exact mode; flax's default takes one fewer all-reduce forward by
-  # computing E[x^2] - E[x]^2 (docs/parallel.md).
+  # Layer norm over sharded features on an Auto mesh is held to flax's
+  # exact mode: its per-sample statistics are left to XLA there, whose
+  # partition of the two passes takes one more all-reduce forward than
+  # flax's inexact default (docs/parallel.md says why).
   ours = rows["jaxnorm", "layer_norm"]
   exact = rows["flax", "layer_norm (exact: use_fast_variance=False)"]
   assert ours[0] <= exact[0] and ours[1] <= exact[1]
 
 
-def test_explicit_mesh_merges_in_one_all_reduce(spmd, request):
-  """On an Explicit mesh the shards' moments merge in one psum: batch
-  statistics take 1 all-reduce forward and 2 forward+backward (flax's
-  inexact default; its exact mode takes 2 and 4). Ghost batches that lie
-  within a shard need none for ``y``, only the parameter gradients' (and the
-  running state's); those made of whole shards merge within groups of
-  devices in the same one psum as plain batch norm."""
-  rows = {name: (fwd, both) for lib, name, fwd, both, _ in spmd if lib == "jaxnorm"}
-  kind = request.node.callspec.id
+def test_batch_statistics_merge_in_one_collective(spmd):
+  """Batch statistics take 1 collective forward and 2 forward+backward on
+  both kinds of mesh (flax's inexact default; its exact mode takes 2 and
+  4). Explicit mesh: the shards' moments merge in one psum. Auto mesh: the
+  blocks' moments are all-gathered once. Ghost batches that lie within a
+  shard need none for ``y``, only the parameter gradients' (and the running
+  state's); those made of whole shards merge within groups of devices in
+  the same one collective as plain batch norm."""
+  rows = {name: (fwd, both) for lib, name, fwd, both, *_ in spmd if lib == "jaxnorm"}
   local_ghost = "ghost batch_norm (k=2, within a shard)"
   for name in BATCH_STATS - {local_ghost}:
-    want = (1, 2) if kind == "explicit" else (2, 3)
-    assert rows[name] == want, (kind, name, rows[name])
+    assert rows[name] == (1, 2), (name, rows[name])
   # (The forward pass measured returns y only: no running state to sum.)
-  want = (0, 1) if kind == "explicit" else (2, 3)
-  assert rows[local_ghost] == want, (kind, rows[local_ghost])
+  assert rows[local_ghost] == (0, 1), rows[local_ghost]
+
+
+def test_auto_mesh_gathers_blocks_once(spmd, request):
+  """On an Auto mesh the one forward collective is the all-gather of the
+  blocks' moments; on an Explicit mesh it is the psum."""
+  kinds = {name: k for lib, name, *_, k in spmd if lib == "jaxnorm"}
+  want = (
+    "all-reduce, all-gather" if request.node.callspec.id == "auto" else "all-reduce"
+  )
+  for name in BATCH_STATS - {"ghost batch_norm (k=2, within a shard)"}:
+    assert kinds[name] == want, (name, kinds[name])
 
 
 def test_explicit_features_sharded_no_more_than_flax_default():
-  """Channels on ``model`` of an Explicit mesh: exact statistics, and no
-  more all-reduces than flax's default (inexact) layers on an Auto mesh."""
-  ours = {
-    name: (fwd, both)
-    for _, name, fwd, both, _ in collectives.feature_rows(explicit=True)
-  }
+  """Channels on ``model`` of an Explicit mesh: exact statistics, no more
+  collectives than flax's default (inexact) layers on an Auto mesh, and
+  never an all-gather (the statistics stay split like ``x``)."""
+  explicit = collectives.feature_rows(explicit=True)
+  ours = {name: (fwd, both) for _, name, fwd, both, *_ in explicit}
+  assert all(kinds == "all-reduce" for *_, kinds in explicit), explicit
   theirs = {
     name: (fwd, both)
-    for lib, name, fwd, both, _ in collectives.feature_rows()
+    for lib, name, fwd, both, *_ in collectives.feature_rows()
     if lib == "flax"
   }
   for name in ("batch_norm", "layer_norm", "rms_norm", "group_norm", "instance_norm"):
@@ -117,8 +127,9 @@ def test_shard_map_step_no_more_than_flax():
   assert counts["jaxnorm"] <= counts["flax"], counts
 
 
-def test_counter_sees_all_reduces():
-  """The counter is not blind: a psum under shard_map shows up."""
+def test_counter_sees_all_reduces_and_gathers():
+  """The counter is not blind: a psum and an all_gather under shard_map
+  show up, each under its kind."""
   import jax
   import jax.numpy as jnp
   from jax.sharding import PartitionSpec as P
@@ -130,3 +141,12 @@ def test_counter_sees_all_reduces():
   with jax.set_mesh(mesh):
     x = jax.device_put(jnp.arange(8.0), P("i"))
     assert collectives.count_all_reduces(collectives.compiled_text(f, x)) == 1
+    g = jax.shard_map(
+      lambda x: jax.lax.all_gather(x, "i", tiled=True),
+      mesh=mesh,
+      in_specs=P("i"),
+      out_specs=P(),
+      check_vma=False,
+    )
+    kinds = collectives.collective_kinds(collectives.compiled_text(g, x))
+    assert kinds == {"all-gather": 1}, kinds

@@ -192,7 +192,7 @@ def test_function_equals_unsharded(name, mesh_name, train):
 MASKED = [n for n in LAYERS if n not in ("frn", "evonorm_s0", "layer_last")]
 
 
-@pytest.mark.parametrize("mesh_name", ["auto_1d", "explicit_2d"])
+@pytest.mark.parametrize("mesh_name", list(MESHES))
 @pytest.mark.parametrize("name", MASKED)
 def test_function_with_mask_equals_unsharded(name, mesh_name):
   init, apply = LAYERS[name]
