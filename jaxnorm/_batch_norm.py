@@ -122,13 +122,15 @@ def batch_norm(
   state comes back unchanged.
 
   Statistics are accumulated in at least float32 and do not lose digits
-  when the mean is large: the variance is the two-pass one (the mean, then
-  the squared deviations from it), whose relative error is ``(d / std)^2``
-  for a mean off by float32's rounding ``d`` (``E[x^2] - E[x]^2`` loses
-  every digit of ``1e4 + N(0, 1)``). The output has the dtype of ``x`` (or
-  ``dtype``). Reverse mode keeps only ``x`` and per-channel statistics;
-  derivatives of every order are JAX's own. Under SPMD ``jit`` with the
-  batch sharded it costs 2 all-reduces forward and 1 backward.
+  when the mean is large: the variance is the corrected two-pass of Chan,
+  Golub & LeVeque (a shift near the mean, then the squared deviations from
+  it, corrected by their sum), within 1e-5 of float64 at ``1e6 + N(0, 1)``
+  in float32, across devices too (``E[x^2] - E[x]^2`` loses every digit of
+  ``1e4 + N(0, 1)``). The output has the dtype of ``x`` (or ``dtype``).
+  Reverse mode keeps only ``x`` and per-channel statistics; derivatives of
+  every order are exact. Under SPMD ``jit`` with the batch sharded it costs
+  one collective forward and one backward, on Explicit and Auto meshes
+  alike (see ``docs/parallel.md``).
 
   With ``axis_name`` (under ``pmap``, ``shard_map`` or a named ``vmap``)
   the statistics are those of the union of every device's elements, each

@@ -1,18 +1,18 @@
-"""Batch statistics under SPMD ``jax.jit`` on an Explicit mesh, merged in
-one collective.
+"""Statistics under SPMD ``jax.jit`` on a mesh, merged in one collective:
+what the mesh of ``x`` says, read while tracing.
 
 Under SPMD ``jit`` the arrays are global and XLA partitions the two passes
 of :mod:`jaxnorm._stats` as it sees them: one all-reduce for the shift, one
 for the deviations, one more in the backward pass. On an Explicit mesh the
 sharding of ``x`` is part of its type, so it is known at trace time which
-mesh axes split the reduced axes. Then each shard's ``(count, mean, m2)``
-can be taken locally, under a ``shard_map`` over just those mesh axes, and
-merged with the single ``psum`` of :func:`jaxnorm._stats.merge`, exactly as
-with ``axis_name``: one all-reduce forward, and by the transpose of that
-``psum`` one in the backward pass (measured on 8 CPU devices: batch norm 1
-forward and 2 forward+backward, against 2 and 3 for the global form; layer
-norm with its features sharded 1 forward, as flax's inexact default).
-Every other mesh axis keeps its Explicit sharding inside. Ghost batches
+mesh axes split the reduced axes. Then each shard's moments can be taken
+locally, under a ``shard_map`` over the mesh axes that split ``x``, and
+merged over those that split the reduced axes with the single ``psum`` of
+:func:`jaxnorm._stats.merge`, exactly as with ``axis_name``: one all-reduce
+forward, and by the transpose of that ``psum`` one in the backward pass
+(measured on 8 CPU devices: batch norm 1 forward and 2 forward+backward,
+against 2 and 3 for the global form; layer norm with its features sharded
+1 forward, as flax's inexact default). Ghost batches
 (``virtual_batch_size``) that lie within each shard need no merge at all;
 those made of whole shards merge within groups of consecutive devices, in
 the same single psum (1 forward, 2 forward+backward, against 2 and 3 for
