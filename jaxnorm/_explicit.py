@@ -72,9 +72,9 @@ def _auto_devices(x: jax.Array) -> int:
   return math.prod(size for size, kind in kinds if kind == AxisType.Auto)
 
 
-def auto_blocks(x: jax.Array, axes: tuple[int, ...]) -> tuple[int, int] | None:
-  """On an Auto mesh, for batch statistics: ``(0, blocks)``, the batch axis
-  cut into blocks whose moments are each taken where they lie, or ``None``.
+def auto_blocks(x: jax.Array, axes: tuple[int, ...]) -> int | None:
+  """On an Auto mesh, for batch statistics: into how many blocks to cut the
+  batch axis, whose moments are each taken where they lie, or ``None``.
 
   XLA chooses an Auto mesh's shardings after tracing, so which axis is split
   is not known here; the guess is the batch axis (data parallelism), split
@@ -93,7 +93,7 @@ def auto_blocks(x: jax.Array, axes: tuple[int, ...]) -> tuple[int, int] | None:
   if devices < 2 or 0 not in axes or not isinstance(length, int):
     return None
   blocks = math.gcd(length, devices)
-  return (0, blocks) if blocks > 1 else None
+  return blocks if blocks > 1 else None
 
 
 def auto_ghost_blocks(x: jax.Array, k: int) -> int | None:
@@ -140,14 +140,13 @@ def moments_by_shard(
 
   ``local_moments(x, mask)`` gives one shard's ``(count, hi, m2, lo)``
   over ``axes``; ``merge(count, hi, m2, lo, sync)`` merges them over the
-  devices of ``sync``,
-  built here as ``sync_type(names, size, groups)``. With ``per_sample``
-  (ghost batches, see :func:`ghost_span`) the statistics come back per
-  sample: with ``span`` 1 they are already complete on each shard and
-  nothing is merged; with ``span`` ``m`` each shard's triple merges with
-  those of the ``m`` consecutive shards of its ghost batch (``names`` in the
-  order that splits axis 0, so that the flattened device index is the
-  shard's position).
+  devices of ``sync``, built here as ``sync_type(names, size, groups)``.
+  With ``per_sample`` (ghost batches, see :func:`ghost_span`) the
+  statistics come back per sample: with ``span`` 1 they are already
+  complete on each shard and nothing is merged; with ``span`` ``m`` each
+  shard's moments merge with those of the ``m`` consecutive shards of its
+  ghost batch (``names`` in the order that splits axis 0, so that the
+  flattened device index is the shard's position).
 
   Every mesh axis that splits ``x`` is manual inside, not only the merged
   ones: the statistics stay split along the kept axes as ``x`` is. (With

@@ -526,7 +526,7 @@ def moments(
     # ones, as without blocks (one all-reduce backward, not one per merge).
     def primal(xf, mask):
       part = functools.partial(local, split=True)
-      return _blocked(part, xf, mask, axes, *blocks)[1:]
+      return _blocked(part, xf, mask, axes, 0, blocks)[1:]
 
     count, hi, m2, lo = local(x, mask, primal=primal)
   elif ghost_blocks is not None:
