@@ -20,6 +20,23 @@ from jax.experimental import checkify
 
 Axes = int | Sequence[int]
 
+# Where flax fails on a bad argument with an IndexError, ZeroDivisionError or
+# TypeError (raised by the code it reaches, not by a check), jaxnorm's check
+# raises an exception that is both that and a ValueError, so that except
+# clauses and ``pytest.raises`` written for either keep working (SPEC section
+# 4). An axis out of range is NumPy's ``AxisError`` (a ValueError and an
+# IndexError), as in NumPy and jax.numpy.
+AxisError = np.exceptions.AxisError
+
+
+class GroupSizeError(ValueError, ZeroDivisionError):
+  """``group_size=0``: flax's modulo by zero, as a ValueError too."""
+
+
+class FeatureShapeError(ValueError, TypeError):
+  """An nnx module's ``num_features`` that does not match the input (flax's
+  layers fail on it with a TypeError from a reshape or broadcast)."""
+
 
 def is_int(v: Any) -> bool:
   """A Python or NumPy integer, not a bool."""
@@ -115,7 +132,10 @@ def canonicalize_axes(ndim: int, axes: Axes, name: str) -> tuple[int, ...]:
       raise TypeError(f"`{name}` must contain ints, got {a!r}.")
     a = int(a)
     if not -ndim <= a < ndim:
-      raise ValueError(f"`{name}`={a} is out of range for an input of rank {ndim}.")
+      raise AxisError(
+        f"`{name}`={a} is out of range for an input of rank {ndim} (tuple index "
+        "out of range)."
+      )
     out.add(a % ndim)
   return tuple(sorted(out))
 

@@ -66,19 +66,30 @@ def resolve_groups(
     )
   if group_size is not None:
     group_size = _checks.as_int(group_size, "group_size")
-    if group_size <= 0 or channels % group_size:
+    if group_size == 0:
+      raise _checks.GroupSizeError(
+        f"integer modulo by zero: `group_size`=0 must be a positive divisor of "
+        f"the {channels} {what}."
+      )
+    if channels % group_size:
       raise ValueError(
         f"Number of {what} ({channels}) is not multiple of the group size "
         f"({group_size}). `group_size`={group_size} must divide the {channels} "
         f"{what}."
       )
-    return channels // group_size
-  num_groups = _checks.as_int(num_groups, "num_groups")
+    # (a negative divisor gives a negative num_groups, refused below as flax
+    # refuses it)
+    num_groups = channels // group_size
+    if num_groups > 0:
+      return num_groups
+    name = f"`group_size`={group_size} must be positive"
+  else:
+    num_groups = _checks.as_int(num_groups, "num_groups")
+    name = f"`num_groups`={num_groups} must divide the {channels} {what}"
   if num_groups <= 0 or channels % num_groups:
     raise ValueError(
       f"Number of groups ({num_groups}) does not divide the number of channels "
-      f"({channels}). `num_groups`={num_groups} must divide the {channels} "
-      f"{what}."
+      f"({channels}). {name}."
     )
   return num_groups
 

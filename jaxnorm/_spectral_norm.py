@@ -74,14 +74,36 @@ def spectral_norm_init(
     >>> jnp.abs(jn.spectral_norm_init(w, jax.random.key(0)).u).round(3)
     Array([1., 0.], dtype=float32)
   """
-  w = _checks.check_input(w, "w")
-  if not isinstance(n_warmup, int) or n_warmup < 0:
-    raise ValueError(f"`n_warmup` must be a non-negative int, got {n_warmup!r}.")
-  mat = _matrix(w)
+  mat = _matrix(_checks.check_input(w, "w"))
+  _check_warmup(n_warmup)
   u = jax.random.normal(key, (mat.shape[1],), mat.dtype)
-  u = _l2_normalize(u, 1e-12)
-  u, _ = _power_iteration(mat, u, n_warmup, 1e-12)
-  return SpectralNormState(u=lax.stop_gradient(u))
+  return SpectralNormState(u=_warm_up(mat, u, n_warmup))
+
+
+def _check_warmup(n_warmup):
+  if not _checks.is_int(n_warmup) or n_warmup < 0:
+    raise ValueError(f"`n_warmup` must be a non-negative int, got {n_warmup!r}.")
+
+
+def _warm_up(mat, u, n_warmup):
+  """``u`` made unit, then ``n_warmup`` power-iteration steps on ``mat``."""
+  u = _l2_normalize(u.astype(mat.dtype), 1e-12)
+  u, _ = _power_iteration(mat, u, int(n_warmup), 1e-12)
+  return lax.stop_gradient(u)
+
+
+def module_start(w, key, n_warmup, dtype, draw):
+  """The flax modules' ``u``, ``(1, out)`` in ``dtype``: flax's random start
+  ``draw(key, shape, dtype)`` (linen draws a standard normal, nnx one of
+  standard deviation 0.01, neither made unit), so that the same key gives
+  flax's numbers; ``n_warmup > 0`` (a jaxnorm extension) then takes that
+  many power-iteration steps."""
+  mat = _matrix(jnp.asarray(w))
+  _check_warmup(n_warmup)
+  u = draw(key, (1, mat.shape[1]), dtype)
+  if n_warmup:
+    u = _warm_up(mat, u[0], n_warmup)[None].astype(dtype)
+  return u
 
 
 def spectral_norm(

@@ -678,13 +678,8 @@ def _assert_decreasing(losses):
 
 
 def _spectral_norm_as_flax(layer):
-  """``LINEN.SpectralNorm(layer)`` starting as flax's: no power iteration at init.
-
-  jaxnorm's ``n_warmup`` (15 by default; flax has none) unrolls its steps for
-  every kernel at init, seconds of compilation for the attention model.
-  """
-  fields = getattr(LINEN.SpectralNorm, "__dataclass_fields__", {})
-  return LINEN.SpectralNorm(layer, **({"n_warmup": 0} if "n_warmup" in fields else {}))
+  """``LINEN.SpectralNorm(layer)`` with its defaults, which are flax's."""
+  return LINEN.SpectralNorm(layer)
 
 
 @pytest.mark.parametrize("case", list(SPECTRAL_TRAIN_CASES))

@@ -653,3 +653,26 @@ def test_optax_training_step_matches_flax():
   np.testing.assert_allclose(lj, lf, rtol=1e-4)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), pj, pf)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), bj, bf)
+
+
+# Bad arguments on which flax fails deeper down (an IndexError from a tuple,
+# a modulo by zero) or with its own check: jaxnorm's error is of flax's type
+# (and a ValueError) and its message contains flax's.
+FLAX_ERROR_CASES = {
+  "axis_out_of_range": lambda m: m.BatchNorm(use_running_average=False, axis=5),
+  "reduction_axes_out_of_range": lambda m: m.LayerNorm(reduction_axes=5),
+  "feature_axes_out_of_range": lambda m: m.LayerNorm(feature_axes=7),
+  "group_size_zero": lambda m: m.GroupNorm(num_groups=None, group_size=0),
+  "group_size_negative": lambda m: m.GroupNorm(num_groups=None, group_size=-2),
+}
+
+
+@pytest.mark.parametrize("case", list(FLAX_ERROR_CASES))
+def test_errors_have_flax_type_and_text(case):
+  x = _data((2, 3, 3, 6))
+  with pytest.raises(Exception) as flax_error:
+    FLAX_ERROR_CASES[case](nn).init(jax.random.key(0), x)
+  with pytest.raises(ValueError) as ours:
+    FLAX_ERROR_CASES[case](jnn).init(jax.random.key(0), x)
+  assert isinstance(ours.value, type(flax_error.value)), (ours.value, flax_error.value)
+  assert str(flax_error.value) in str(ours.value)

@@ -514,3 +514,48 @@ def test_optax_training_matches_flax():
   assert lj[-1] < lj[0]
   np.testing.assert_allclose(lj, lf, rtol=1e-4)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), sj, sf)
+
+
+def _first_sentence(message):
+  return message.split(". ")[0]
+
+
+# Bad arguments on which flax.nnx fails deeper down (an IndexError, a modulo
+# by zero, a TypeError from a reshape) or with its own check: jaxnorm's error
+# is of flax's type (and a ValueError); its message contains flax's where
+# flax's is its own (not an internal reshape's or broadcast's).
+NNX_ERROR_CASES = {
+  "no_use_running_average": (
+    lambda m: m.BatchNorm(6, use_running_average=None, rngs=nnx.Rngs(0)),
+    _first_sentence,
+  ),
+  "axis_out_of_range": (
+    lambda m: m.BatchNorm(6, use_running_average=False, axis=5, rngs=nnx.Rngs(0)),
+    str,
+  ),
+  "group_size_zero": (
+    lambda m: m.GroupNorm(6, num_groups=None, group_size=0, rngs=nnx.Rngs(0)),
+    str,
+  ),
+  "bn_num_features": (
+    lambda m: m.BatchNorm(5, use_running_average=False, rngs=nnx.Rngs(0)),
+    None,
+  ),
+  "ln_num_features": (lambda m: m.LayerNorm(5, rngs=nnx.Rngs(0)), None),
+  "gn_num_features": (lambda m: m.GroupNorm(5, num_groups=1, rngs=nnx.Rngs(0)), None),
+}
+
+
+@pytest.mark.parametrize("case", list(NNX_ERROR_CASES))
+def test_errors_have_flax_type_and_text(case):
+  make, text = NNX_ERROR_CASES[case]
+  x = _data((2, 3, 3, 6))
+  with pytest.raises(Exception) as flax_error:
+    make(nnx)(x)
+  with pytest.raises(ValueError) as ours:
+    make(jnx)(x)
+  assert isinstance(ours.value, type(flax_error.value)), (ours.value, flax_error.value)
+  if text is not None:
+    assert text(str(flax_error.value)) in str(ours.value)
+  else:
+    assert "num_features" in str(ours.value)

@@ -18,7 +18,11 @@ from jax.nn import initializers
 
 import jaxnorm as jn
 from jaxnorm import _checks
-from jaxnorm._spectral_norm import SpectralNormState, _spectral_norm_with_sigma
+from jaxnorm._spectral_norm import (
+  SpectralNormState,
+  _spectral_norm_with_sigma,
+  module_start,
+)
 
 Dtype = Any
 Initializer = Any
@@ -135,10 +139,13 @@ class SpectralNorm(nn.Module):
   and ``"layer_instance/kernel/sigma"``. ``update_stats`` (call argument) stores the
   new ``u`` and ``sigma``; make the collection mutable then.
 
-  flax starts ``u`` at a random normal vector; ``n_warmup`` (jaxnorm
-  extension, 15 by default) runs that many power-iteration steps at init so
-  the first normalization already uses a good sigma (``n_warmup=0`` is
-  flax's behaviour).
+  ``u`` starts where flax's does (a standard normal draw from the
+  ``params`` key), so the same key gives flax's variables and numbers.
+  ``n_warmup`` (jaxnorm extension, 0 by default as in flax) runs that many
+  power-iteration steps at init, so that the first normalization already
+  divides by a good estimate of sigma (with one step per call from a random
+  start, the first calls underestimate it: 1.24 where the largest singular
+  value is 1 in one measured Dense(5, 4)).
 
   Attributes:
     layer_instance: the module to wrap.
@@ -149,7 +156,7 @@ class SpectralNorm(nn.Module):
     error_on_non_matrix: raise on parameters of rank above 2 instead of
       flattening them.
     collection_name: the collection of ``u`` and ``sigma``.
-    n_warmup: power-iteration steps at init.
+    n_warmup: power-iteration steps at init (jaxnorm extension; flax: 0).
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -171,7 +178,7 @@ class SpectralNorm(nn.Module):
   param_dtype: Dtype = jnp.float32
   error_on_non_matrix: bool = False
   collection_name: str = "batch_stats"
-  n_warmup: int = 15
+  n_warmup: int = 0
 
   @nn.compact
   def __call__(self, *args, update_stats: bool, **kwargs):
@@ -205,10 +212,8 @@ class SpectralNorm(nn.Module):
     u_var = self.variable(
       self.collection_name,
       name + "/u",
-      lambda key: (
-        jn.spectral_norm_init(value, key, n_warmup=self.n_warmup)
-        .u[None]
-        .astype(self.param_dtype)
+      lambda key: module_start(
+        value, key, self.n_warmup, self.param_dtype, jax.random.normal
       ),
       self.make_rng("params")
       if not self.has_variable(self.collection_name, name + "/u")

@@ -115,7 +115,7 @@ def _shaped(value: jax.Array | None, shape: tuple[int, ...], name: str, module):
   if value is None or value.shape == shape:
     return value
   if value.size != math.prod(shape):
-    raise ValueError(
+    raise _checks.FeatureShapeError(
       f"`num_features`={module.num_features} does not match the input: its "
       f"features have shape {shape} ({math.prod(shape)} values), but `{name}` "
       f"holds {value.size}."
@@ -210,8 +210,9 @@ def _resolve(self, use_running_average):
     use_running_average = self.use_running_average
   if use_running_average is None:
     raise ValueError(
-      f"No `use_running_average` was given to {type(self).__name__}: pass it "
-      "to the constructor or the call, or set it with `model.train()` / "
+      f"No `use_running_average` argument was provided to "
+      f"{type(self).__name__}. Pass it to the constructor or the call, or set "
+      "it with `model.train()` / "
       "`model.eval()` or `nnx.view(model, use_running_average=...)`."
     )
   return bool(use_running_average)

@@ -18,7 +18,11 @@ from flax.nnx.nn import dtypes as nnx_dtypes
 
 import jaxnorm as jn
 from jaxnorm import _checks
-from jaxnorm._spectral_norm import SpectralNormState, _spectral_norm_with_sigma
+from jaxnorm._spectral_norm import (
+  SpectralNormState,
+  _spectral_norm_with_sigma,
+  module_start,
+)
 
 Dtype = Any
 Initializer = Any
@@ -73,6 +77,8 @@ class _Swap:
 
 
 _KERNEL = nnx.PathContains("kernel")
+# flax.nnx.SpectralNorm's start of u.
+_U_INIT = nnx.initializers.normal()
 
 
 class WeightNorm(nnx.Module):
@@ -194,7 +200,8 @@ class SpectralNorm(_Stateful):
     update_stats: default of the call argument.
     rngs: random keys for the start of ``u``.
     n_warmup: jaxnorm extension: power-iteration steps at construction
-      (flax: 0).
+      (0 by default, as flax; ``u`` starts at flax's draw, a normal of
+      standard deviation 0.01, so the same ``rngs`` give flax's numbers).
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -217,7 +224,7 @@ class SpectralNorm(_Stateful):
     error_on_non_matrix: bool = False,
     update_stats: bool = True,
     rngs: nnx.Rngs,
-    n_warmup: int = 15,
+    n_warmup: int = 0,
   ):
     self.layer_instance = layer_instance
     self.n_steps = n_steps
@@ -229,8 +236,8 @@ class SpectralNorm(_Stateful):
     self.use_running_average = not update_stats
     stats = {}
     for path, param in self._targets():
-      state = jn.spectral_norm_init(param[...], rngs.params(), n_warmup=n_warmup)
-      stats[_key(path) + ("u",)] = nnx.BatchStat(state.u[None].astype(param_dtype))
+      u = module_start(param[...], rngs.params(), n_warmup, param_dtype, _U_INIT)
+      stats[_key(path) + ("u",)] = nnx.BatchStat(u)
       stats[_key(path) + ("sigma",)] = nnx.BatchStat(jnp.ones((), param_dtype))
     self.batch_stats = nnx.data(stats)
 
