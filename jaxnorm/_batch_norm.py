@@ -274,6 +274,7 @@ def batch_norm(
       epsilon=epsilon,
       dtype=stats_dtype,
       out_dtype=out_dtype,
+      mask=mask,
     )
     return y, state
 

@@ -138,7 +138,8 @@ def batch_renorm(
         + \mathrm{bias}
 
   where ``sg`` is ``stop_gradient``: gradients flow through ``mu_B`` and
-  ``sigma_B`` as in batch norm, not through ``r`` and ``d``. The running
+  ``sigma_B`` as in batch norm, not through ``r`` and ``d`` (so none
+  reaches the running state). The running
   statistics are then updated as in :func:`jaxnorm.batch_norm` (``new =
   momentum * old + (1 - momentum) * batch``; the running *variance* is
   averaged, where the paper averages ``sigma``). In evaluation it is batch
@@ -176,8 +177,8 @@ def batch_renorm(
     ``(y, new_state)``: ``y`` of the shape of ``x`` and the updated state.
 
   Raises:
-    TypeError: ``x`` is not floating point or ``use_running_average`` is not
-      a Python bool.
+    TypeError: ``x`` is not floating point (or is complex, in training), or
+      ``use_running_average`` is not a Python bool.
     ValueError: ``axis`` out of range, parameter or state shapes that do not
       match ``x``, non-scalar ``r_max``/``d_max`` (or, when they are Python
       numbers, ``r_max < 1`` or ``d_max < 0``), a ``mask`` that does not
@@ -233,20 +234,30 @@ def batch_renorm(
       epsilon=epsilon,
       dtype=stats_dtype,
       out_dtype=out_dtype,
+      mask=mask,
     )
     return y, state
 
   check_batch_size(x.shape, raxes, axis_name, axis_index_groups, mask)
+  if jnp.iscomplexobj(x):
+    raise TypeError(
+      f"`x` must be real floating point in training, got dtype {x.dtype}: "
+      "batch renorm clips (mu_B - mu) / sigma, which has no order for complex "
+      "numbers. (Evaluation, batch norm with the running statistics, takes "
+      "complex `x`.)"
+    )
 
   def renorm_affine(mean, var, scale_b, bias_b, mu_run, var_run):
     # r and d come from the batch statistics and carry no gradient.
     # ((x - mu_B) / sigma_B * r + d) * scale + bias is batch norm with the
     # affine (r * scale, d * scale + bias), from the same statistics (so one
     # set of collectives). With r = 1, d = 0 it is batch norm bit for bit.
-    mean, var = lax.stop_gradient(mean), lax.stop_gradient(var)
+    # Nor does the running state (which would otherwise get a gradient
+    # through them).
     inv_sigma = lax.rsqrt(var_run + epsilon)
     r = jnp.clip(jnp.sqrt(var + epsilon) * inv_sigma, 1.0 / r_max, r_max)
     d = jnp.clip((mean - mu_run) * inv_sigma, -d_max, d_max)
+    r, d = lax.stop_gradient(r), lax.stop_gradient(d)
     s = r if scale_b is None else r * scale_b.astype(stats_dtype)
     b = d if scale_b is None else d * scale_b.astype(stats_dtype)
     b = b if bias_b is None else b + bias_b.astype(stats_dtype)

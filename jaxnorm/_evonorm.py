@@ -191,9 +191,14 @@ def evonorm_b0(
   no_sync = _stats.make_sync(None, None)
 
   inst_axes = tuple(a for a in range(1, x.ndim) if a != c)
-  inst = _stats.moments(
-    x, inst_axes, mask=mask, use_mean=True, sync=no_sync, dtype=cdtype
-  )
+  # (N, C) input: the instance variance is over no axis, 0 whatever x; as a
+  # constant, so that sqrt(0 + epsilon) at epsilon = 0 gives no 0 * inf in
+  # the gradient.
+  inst_var = 0.0
+  if inst_axes:
+    inst_var = _stats.moments(
+      x, inst_axes, mask=mask, use_mean=True, sync=no_sync, dtype=cdtype
+    ).var
   if use_running_average:
     var_b = var_state.astype(cdtype).reshape(bshape)
     new_state = state
@@ -209,12 +214,15 @@ def evonorm_b0(
       var=_ema(var_state, var_b.reshape(fshape), momentum, seen)
     )
   epsilon = _checks.check_hyper(epsilon, "epsilon")
-  xf = x.astype(cdtype)
-  den = jnp.maximum(
-    jnp.sqrt(var_b + epsilon),
-    v.astype(cdtype).reshape(bshape) * xf + jnp.sqrt(inst.var + epsilon),
-  )
-  y = _affine(xf / den, _b(scale, bshape), _b(bias, bshape), cdtype)
+
+  def formula(xf):
+    den = jnp.maximum(
+      jnp.sqrt(var_b + epsilon),
+      v.astype(cdtype).reshape(bshape) * xf + jnp.sqrt(inst_var + epsilon),
+    )
+    return _affine(xf / den, _b(scale, bshape), _b(bias, bshape), cdtype)
+
+  y = _stats.guard_padding(formula, x.astype(cdtype), mask)
   return y.astype(out_dtype), new_state
 
 
@@ -318,6 +326,9 @@ def evonorm_s0(
     groups=(c, groups),
   )
   inv = lax.rsqrt(m.var + _checks.check_hyper(epsilon, "epsilon"))
-  xf = x.astype(cdtype)
-  y = xf * jax.nn.sigmoid(v.astype(cdtype).reshape(bshape) * xf) * inv
-  return _affine(y, _b(scale, bshape), _b(bias, bshape), cdtype).astype(out_dtype)
+
+  def formula(xf):
+    y = xf * jax.nn.sigmoid(v.astype(cdtype).reshape(bshape) * xf) * inv
+    return _affine(y, _b(scale, bshape), _b(bias, bshape), cdtype)
+
+  return _stats.guard_padding(formula, x.astype(cdtype), mask).astype(out_dtype)

@@ -368,7 +368,9 @@ def moving_average_batch_norm(
   statistics (they are still normalized).
 
   Stability: the second moment ``E[x^2]`` has no cancellation; it is
-  exact to float32's summation error.
+  exact to the summation error of its dtype (float32, float64 for float64
+  ``x``). The moving averages are taken in that dtype too; the state keeps
+  its own (float32 from :func:`moving_average_batch_norm_init`).
 
   Args:
     x: input ``(N, ..., C, ...)``, floating point.
@@ -452,33 +454,36 @@ def moving_average_batch_norm(
 
   if use_running_average:
     inv = lax.rsqrt(var.astype(stats_dtype) + epsilon).reshape(bshape)
-    y = x.astype(stats_dtype) * inv
-    if scale_b is not None:
-      y = y * scale_b.astype(stats_dtype)
-    if bias_b is not None:
-      y = y + bias_b.astype(stats_dtype)
-    return y.astype(out_dtype), state
+    cfg = _Config((), None, stats_dtype, out_dtype, 1)
+    y = _stats.guard_padding(lambda x: _apply(cfg, x, scale_b, bias_b, inv), x, mask)
+    return y, state
 
   sync = _stats.make_sync(axis_name, axis_index_groups)
   axes = tuple(a for a in range(x.ndim) if a != c)
   m = _stats.moments(x, axes, mask=mask, use_mean=False, sync=sync, dtype=stats_dtype)
-  chi = lax.stop_gradient(m.var.reshape(fshape).astype(jnp.float32))
+  # The moving averages are taken in the statistics' dtype (float32, or
+  # float64 for float64 input), whatever the state's.
+  chi = lax.stop_gradient(m.var.reshape(fshape).astype(stats_dtype))
   # A negative count (a hand-made state) counts as a fresh one.
   step = jnp.maximum(jnp.asarray(state.count).astype(jnp.int32), 0)
   slot = step % buffer_size
-  n = jnp.minimum(step + 1, buffer_size).astype(jnp.float32)
+  n = jnp.minimum(step + 1, buffer_size).astype(stats_dtype)
   index = jnp.arange(buffer_size)
   # Entries older than the batches seen so far are not part of the average.
-  valid = ((index < n) & (index != slot)).astype(jnp.float32)[:, None]
+  valid = ((index < n) & (index != slot)).astype(stats_dtype)[:, None]
   # A select rather than a scatter: chi may be sharded over the channels
   # (an Explicit mesh refuses a scatter into a replicated buffer).
   new_second = _stats.select(
-    (index == slot)[:, None], chi[None], second_moments.astype(jnp.float32)
+    (index == slot)[:, None], chi[None], second_moments.astype(stats_dtype)
   )
   chi_bar = jnp.sum(new_second * (index < n)[:, None], axis=0) / n
-  old_psi_sum = jnp.sum(grad_moments.astype(jnp.float32) * valid, axis=0)
+  old_psi_sum = jnp.sum(grad_moments.astype(stats_dtype) * valid, axis=0)
   inv_c = lax.rsqrt(chi_bar + epsilon)
-  r = jnp.clip(jnp.sqrt(chi_bar + epsilon) * lax.rsqrt(var + epsilon), 1 / r_max, r_max)
+  r = jnp.clip(
+    jnp.sqrt(chi_bar + epsilon) * lax.rsqrt(var.astype(stats_dtype) + epsilon),
+    1 / r_max,
+    r_max,
+  )
   r = jnp.where(step < renorm_warmup_steps, 1.0, r)
   inv = lax.stop_gradient(inv_c.astype(stats_dtype).reshape(bshape))
   mul = lax.stop_gradient((inv_c * r).astype(stats_dtype).reshape(bshape))
@@ -492,19 +497,25 @@ def moving_average_batch_norm(
   for a in missing:
     replicas *= lax.axis_size(a)
   cfg = _Config(axes, sync, stats_dtype, out_dtype, replicas)
-  y = _mabn_apply(
-    cfg,
+  scale_v, bias_v = _stats.match_vma(scale_b, x), _stats.match_vma(bias_b, x)
+  y = _stats.guard_padding(
+    lambda x: _mabn_apply(
+      cfg,
+      x,
+      scale_v,
+      bias_v,
+      mask,
+      mul,
+      inv,
+      _stats.match_vma(grad_moments, x),
+      lax.stop_gradient(old_psi_sum),
+      slot,
+      n,
+      lax.stop_gradient(jnp.broadcast_to(m.count, m.var.shape).astype(stats_dtype)),
+    ),
     x,
-    _stats.match_vma(scale_b, x),
-    _stats.match_vma(bias_b, x),
     mask,
-    mul,
-    inv,
-    _stats.match_vma(grad_moments, x),
-    lax.stop_gradient(old_psi_sum),
-    slot,
-    n,
-    lax.stop_gradient(jnp.broadcast_to(m.count, m.var.shape).astype(stats_dtype)),
+    value=lambda x: _apply(cfg, x, scale_v, bias_v, mul),
   )
   # An empty batch (all masked, on every device) leaves the state as it was,
   # its step count included.

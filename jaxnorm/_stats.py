@@ -111,6 +111,11 @@ def abs_sq(x: jax.Array) -> jax.Array:
 
 
 def _saved(v: jax.Array) -> jax.Array:
+  if jnp.iscomplexobj(v):
+    # Saved as its real and imaginary parts: jax.checkpoint (jax 0.10.2)
+    # marks every saved residual with a reduce_precision, which refuses a
+    # complex dtype, and reverse mode on complex inputs failed.
+    return lax.complex(_saved(jnp.real(v)), _saved(jnp.imag(v)))
   return checkpoint_name(v, _SAVED)
 
 
@@ -683,13 +688,41 @@ def normalize_with(
   epsilon: Any,
   dtype: Any,
   out_dtype: Any,
+  mask: jax.Array | None = None,
 ) -> jax.Array:
-  """Applies given statistics: ``(x - mean) * rsqrt(var + epsilon) * scale + bias``."""
+  """Applies given statistics: ``(x - mean) * rsqrt(var + epsilon) * scale + bias``.
+
+  With ``mask``, masked-out elements that are NaN or Inf (padding) keep
+  their value but reach no derivative (see :func:`_apply`).
+  """
   epsilon = _checks.check_hyper(epsilon, "epsilon")
   for name, v in (("x", x), ("mean", mean), ("var", var), ("epsilon", epsilon)):
     _checks.traced_check(name, v, low=0.0 if name in ("var", "epsilon") else -math.inf)
   inv = lax.rsqrt(jnp.asarray(var, dtype) + epsilon)
-  return _apply(x, scale, bias, jnp.asarray(mean, dtype), inv, out_dtype, dtype)
+  return _apply(x, scale, bias, jnp.asarray(mean, dtype), inv, out_dtype, dtype, mask)
+
+
+def guard_padding(
+  formula, xf: jax.Array, mask: jax.Array | None, value=None
+) -> jax.Array:
+  """``formula(xf)``, elementwise in ``xf`` (statistics and parameters
+  closed over), with masked-out elements that are NaN or Inf (padding) kept
+  out of every derivative.
+
+  Those elements go through ``formula`` as 0 in the differentiated branch
+  and take ``formula(xf)``'s own value (NaN, say) under ``stop_gradient``:
+  a loss that masks them out then gets finite gradients, where ``0 * NaN``
+  would otherwise reach the statistics and the parameters (the layers whose
+  formula is not :func:`_apply`'s affine one: EvoNorm, MABN). ``value``,
+  if given, computes the same forward value as ``formula`` for those
+  elements (MABN's formula carries derivative rules that must not see them
+  at all).
+  """
+  if mask is None:
+    return formula(xf)
+  bad = ~mask & ~jnp.isfinite(xf)
+  y = formula(jnp.where(bad, 0.0, xf))
+  return jnp.where(bad, lax.stop_gradient((value or formula)(xf)), y)
 
 
 # --- shard_map helpers for layers with a custom gradient (MABN) -------------

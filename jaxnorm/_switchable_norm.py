@@ -213,5 +213,6 @@ def switchable_norm(
     epsilon=epsilon,
     dtype=stats_dtype,
     out_dtype=out_dtype,
+    mask=mask,
   )
   return y, new_state

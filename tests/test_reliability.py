@@ -485,24 +485,69 @@ def test_export_with_symbolic_batch(name, rank):
 # --- 8. NaN and Inf -----------------------------------------------------------------
 
 
-def test_masked_nan_does_not_poison_the_gradient():
+def _masked_stateful(fn, init, **kw):
+  def layer(x, params, mask, train):
+    state = init(C)[1]
+    return fn(x, params, state, use_running_average=not train, mask=mask, **kw)[0]
+
+  return layer, lambda: init(C)[0]
+
+
+def _masked_stateless(fn, init, **kw):
+  return (lambda x, params, mask, train: fn(x, params, mask=mask, **kw)), (
+    lambda: init(C)
+  )
+
+
+# Every layer that takes a mask, as (layer(x, params, mask, train), params).
+MASKED_LAYERS = {
+  "batch_norm": _masked_stateful(jn.batch_norm, jn.batch_norm_init),
+  "ghost_batch_norm": _masked_stateful(
+    jn.batch_norm, jn.batch_norm_init, virtual_batch_size=4
+  ),
+  "batch_renorm": _masked_stateful(jn.batch_renorm, jn.batch_renorm_init),
+  "switchable_norm": _masked_stateful(jn.switchable_norm, jn.switchable_norm_init),
+  "evonorm_b0": _masked_stateful(jn.evonorm_b0, jn.evonorm_b0_init),
+  "mabn": _masked_stateful(
+    jn.moving_average_batch_norm, jn.moving_average_batch_norm_init
+  ),
+  "layer_norm": _masked_stateless(jn.layer_norm, jn.layer_norm_init),
+  "rms_norm": _masked_stateless(jn.rms_norm, jn.rms_norm_init),
+  "group_norm": _masked_stateless(jn.group_norm, jn.group_norm_init, num_groups=2),
+  "instance_norm": _masked_stateless(jn.instance_norm, jn.group_norm_init),
+  "frn": _masked_stateless(jn.filter_response_norm, jn.filter_response_norm_init),
+  "evonorm_s0": _masked_stateless(jn.evonorm_s0, jn.evonorm_s0_init, num_groups=2),
+}
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", list(MASKED_LAYERS))
+def test_masked_nan_does_not_poison_the_gradient(name, train):
+  """NaN padding that the mask and the loss leave out: the gradients with
+  respect to ``x`` and the parameters are finite, and on the real elements
+  equal those with the padding zeroed (where nothing is NaN to begin with)."""
+  layer, make_params = MASKED_LAYERS[name]
   x = np.asarray(_x(), np.float32).copy()
-  mask = np.ones(x.shape[:-1] + (1,), bool)
-  mask[-2:] = False
-  x[-2:] = np.nan  # padding full of NaN
-  params, state = jn.batch_norm_init(C)
+  mask = np.ones(x.shape, bool)
+  mask[-2:] = False  # two padded samples
+  mask[0, 2] = False  # and a padded row within a real sample
+  x[~mask] = np.nan
+  params = make_params()
 
   def loss(x, params):
-    y, _ = jn.batch_norm(x, params, state, use_running_average=False, mask=mask)
+    y = layer(x, params, mask, train)
     return jnp.sum(jnp.where(mask, y, 0.0) ** 2)
 
-  gx, gp = jax.grad(loss, argnums=(0, 1))(jnp.asarray(x), params)
-  assert np.all(np.isfinite(np.asarray(gx)[:-2]))
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+  gx, gp = grad(jnp.asarray(x), params)
+  assert np.all(np.isfinite(np.asarray(gx)))
   assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(gp))
-  # the same gradient as with the padding zeroed
-  gx0, _ = jax.grad(loss, argnums=(0, 1))(jnp.where(mask, x, 0.0), params)
+  gx0, gp0 = grad(jnp.where(mask, x, 0.0), params)
   np.testing.assert_allclose(
-    np.asarray(gx)[:-2], np.asarray(gx0)[:-2], rtol=1e-5, atol=1e-6
+    np.asarray(gx)[mask], np.asarray(gx0)[mask], rtol=1e-5, atol=1e-6
+  )
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), gp, gp0
   )
 
 
@@ -608,3 +653,27 @@ def test_masked_layer_norm_gradient_at_1e4():
   err_masked = np.abs(grad(x, mask, g)[:, :3] - ref).max()
   err_plain = np.abs(grad(x[:, :3], None, g[:, :3]) - ref).max()
   assert err_masked <= 2.0 * err_plain + 1e-6, (err_masked, err_plain)
+
+
+def test_evonorm_b0_on_rank_2_input_with_zero_epsilon():
+  """On (N, C) input the instance variance is over no axis, 0: the layer is
+  ``x / max(sqrt(var_B), v x)``, smooth at ``epsilon = 0``, and its gradient
+  is that formula's (it was NaN everywhere: 0 * inf through sqrt(0))."""
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.standard_normal((8, C)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((8, C)), jnp.float32)
+  params, state = jn.evonorm_b0_init(C)
+  params = params._replace(v=jnp.asarray(rng.uniform(0.5, 1.5, C), jnp.float32))
+
+  def ours(x):
+    y, _ = jn.evonorm_b0(x, params, state, use_running_average=False, epsilon=0.0)
+    return jnp.sum(y * w)
+
+  def formula(x):
+    var_b = jnp.mean((x - jnp.mean(x, 0)) ** 2, 0)
+    return jnp.sum(x / jnp.maximum(jnp.sqrt(var_b), params.v * x) * w)
+
+  np.testing.assert_allclose(ours(x), formula(x), rtol=1e-5)
+  g = jax.grad(ours)(x)
+  assert np.all(np.isfinite(np.asarray(g)))
+  np.testing.assert_allclose(g, jax.grad(formula)(x), rtol=1e-4, atol=1e-5)

@@ -468,7 +468,10 @@ def test_brn_grad():
   w = jnp.asarray(_rand(x.shape, seed=5))
   r_max, d_max = 1.5, 0.7
 
-  def plain(x, p):
+  # A running state away from the batch's, so that r and d depend on it.
+  s = s._replace(mean=s.mean + 0.5, var=s.var * 2.0)
+
+  def plain(x, p, s):
     mu = x.mean((0, 1))
     sb = jnp.sqrt(((x - mu) ** 2).mean((0, 1)) + EPS)
     sig = jnp.sqrt(s.var + EPS)
@@ -476,12 +479,13 @@ def test_brn_grad():
     d = jax.lax.stop_gradient(jnp.clip((mu - s.mean) / sig, -d_max, d_max))
     return jnp.sum((((x - mu) / sb * r + d) * p.scale + p.bias) * w)
 
-  def ours(x, p):
+  def ours(x, p, s):
     y, _ = jn.batch_renorm(x, p, s, use_running_average=False, r_max=r_max, d_max=d_max)
     return jnp.sum(y * w)
 
-  g1 = _grad(ours, argnums=(0, 1))(x, p)
-  g2 = _grad(plain, argnums=(0, 1))(x, p)
+  # The running state gets no gradient through r and d (it had one).
+  g1 = _grad(ours, argnums=(0, 1, 2))(x, p, s)
+  g2 = _grad(plain, argnums=(0, 1, 2))(x, p, s)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=5e-5), g1, g2)
 
 
@@ -543,6 +547,13 @@ def test_brn_errors():
     jn.batch_renorm(x, p, s, use_running_average=False, axis=2)
   with pytest.raises(ValueError, match="axis_name"):
     jn.batch_renorm(x, p, s, use_running_average=False, axis_name="i")
+  # Complex x: refused in training (d has no order to clip), batch norm with
+  # the running statistics in evaluation.
+  xc = (jnp.arange(12.0).reshape(4, 3) + 1j).astype(jnp.complex64)
+  with pytest.raises(TypeError, match="`x` must be real"):
+    jn.batch_renorm(xc, p, s, use_running_average=False)
+  y, _ = jn.batch_renorm(xc, p, s, use_running_average=True)
+  np.testing.assert_allclose(y, np.asarray(xc) / np.sqrt(1.0 + 1e-5), rtol=1e-6)
 
 
 # ---------------------------------------------------------------- Ghost BN
