@@ -239,6 +239,8 @@ def batch_norm(
     1
   """
   x = _checks.check_input(x)
+  _checks.check_fields(params, "params", NormParams)
+  _checks.check_fields(state, "state", BatchNormState)
   use_running_average = _checks.as_bool(use_running_average, "use_running_average")
   torch_stats = check_running_stats(running_stats) == "torch"
   if torch_stats:
@@ -248,6 +250,8 @@ def batch_norm(
         '`running_stats="torch"` cannot be combined with `virtual_batch_size`: '
         "PyTorch has no ghost batch norm whose running statistics to match."
       )
+  else:
+    check_flax_state(state)
   if not (torch_stats and momentum is None):
     momentum = _checks.check_hyper(momentum, "momentum", high=1.0)
   feature_axes = _checks.canonicalize_axes(x.ndim, axis, "axis")
@@ -256,8 +260,12 @@ def batch_norm(
   bshape = _checks.broadcast_shape(x.ndim, x.shape, feature_axes)
   scale = _checks.check_param(params.scale, fshape, "params.scale", x.dtype)
   bias = _checks.check_param(params.bias, fshape, "params.bias", x.dtype)
-  mean_state = _checks.check_param(state.mean, fshape, "state.mean", x.dtype)
-  var_state = _checks.check_param(state.var, fshape, "state.var", x.dtype)
+  mean_state = _checks.check_param(
+    state.mean, fshape, "state.mean", x.dtype, required=True
+  )
+  var_state = _checks.check_param(
+    state.var, fshape, "state.var", x.dtype, required=True
+  )
   mask = _checks.check_mask(mask, x.shape)
   stats_dtype = _checks.compute_dtype(x.dtype, dtype, force_float32_reductions)
   out_dtype = x.dtype if dtype is None else jnp.dtype(dtype)
@@ -325,6 +333,19 @@ def batch_norm(
     var=_ema(var_state, var, momentum, seen),
   )
   return y, new_state
+
+
+def check_flax_state(state: Any) -> None:
+  """Refuses a :class:`TorchBatchNormState` where flax's convention applies:
+  it would silently lose ``num_batches_tracked`` and mix a biased batch
+  variance into its unbiased running one."""
+  if isinstance(state, TorchBatchNormState):
+    raise TypeError(
+      "`state` is a jaxnorm.TorchBatchNormState (unbiased running variance, "
+      "PyTorch's momentum), which only batch_norm with "
+      '`running_stats="torch"` takes; this call keeps flax\'s statistics in a '
+      "jaxnorm.BatchNormState."
+    )
 
 
 def _check_torch_state(state: Any) -> None:
@@ -421,9 +442,18 @@ def _ghost_batch_norm(
     )
   n = x.shape[0]
   if n % k:
+    # A symbolic batch size (jax.export) b is not known to be a multiple of k.
+    symbolic = (
+      ""
+      if isinstance(n, int)
+      else (
+        f" A symbolic batch size must be declared a multiple of {k}, e.g. "
+        f'jax.export.symbolic_shape("{k}*b, ...").'
+      )
+    )
     raise ValueError(
       f"`virtual_batch_size`={k} does not divide the batch size {n} (axis 0 "
-      f"of `x`, shape {x.shape})."
+      f"of `x`, shape {x.shape}).{symbolic}"
     )
   sync = _stats.make_sync(axis_name, axis_index_groups)
   reduction_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)

@@ -11,7 +11,12 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from jaxnorm import _checks, _stats
-from jaxnorm._batch_norm import _ema, batch_norm_init, check_batch_size
+from jaxnorm._batch_norm import (
+  _ema,
+  batch_norm_init,
+  check_batch_size,
+  check_flax_state,
+)
 from jaxnorm._types import BatchNormState, NormParams
 
 
@@ -60,7 +65,8 @@ def batch_renorm_schedule(
   ``r_max`` is 1 until ``r_max_steps[0]``, then grows linearly to its final
   value at ``r_max_steps[1]`` and stays there; ``d_max`` is 0 until
   ``d_max_steps[0]`` and grows linearly to its final value at
-  ``d_max_steps[1]``. The defaults are the paper's (section 4: ``r_max``
+  ``d_max_steps[1]``. A ramp with ``start == end`` is a step: the final
+  value from that step on. The defaults are the paper's (section 4: ``r_max``
   from 1 to 3 between 5k and 40k steps, ``d_max`` from 0 to 5 between 5k and
   25k steps); scale the step ranges to your run length. Before the warm-up
   starts batch renorm is exactly batch norm.
@@ -80,7 +86,7 @@ def batch_renorm_schedule(
 
   Raises:
     ValueError: a ramp whose end is before its start, or ``r_max < 1``, or
-      ``d_max < 0``.
+      ``d_max < 0``, or either not finite.
 
   Examples:
     >>> import jaxnorm as jn
@@ -91,15 +97,17 @@ def batch_renorm_schedule(
   for name, (a, b) in (("r_max_steps", r_max_steps), ("d_max_steps", d_max_steps)):
     if b < a:
       raise ValueError(f"`{name}`=({a}, {b}) must be (start, end) with end >= start.")
-  if r_max < 1.0:
-    raise ValueError(f"`r_max`={r_max} must be at least 1.")
-  if d_max < 0.0:
-    raise ValueError(f"`d_max`={d_max} must be at least 0.")
+  # Finite, like batch_renorm's own bounds: an infinite final value would
+  # give 0 * inf = NaN before the ramp starts.
+  r_max = _checks.check_hyper(r_max, "r_max", low=1.0)
+  d_max = _checks.check_hyper(d_max, "d_max", low=0.0)
   step = jnp.asarray(step, jnp.float32)
 
   def ramp(start_value, end_value, steps):
     start, end = steps
-    frac = jnp.clip((step - start) / max(end - start, 1), 0.0, 1.0)
+    if end == start:  # a step: the final value from `end` on
+      return jnp.where(step >= end, end_value, start_value).astype(jnp.float32)
+    frac = jnp.clip((step - start) / (end - start), 0.0, 1.0)
     return start_value + (end_value - start_value) * frac
 
   return ramp(1.0, r_max, r_max_steps), ramp(0.0, d_max, d_max_steps)
@@ -204,6 +212,9 @@ def batch_renorm(
     True
   """
   x = _checks.check_input(x)
+  _checks.check_fields(params, "params", NormParams)
+  _checks.check_fields(state, "state", BatchNormState)
+  check_flax_state(state)
   use_running_average = _checks.as_bool(use_running_average, "use_running_average")
   momentum = _checks.check_hyper(momentum, "momentum", high=1.0)
   faxes = _checks.canonicalize_axes(x.ndim, axis, "axis")
@@ -212,8 +223,12 @@ def batch_renorm(
   bshape = _checks.broadcast_shape(x.ndim, x.shape, faxes)
   scale = _checks.check_param(params.scale, fshape, "params.scale", x.dtype)
   bias = _checks.check_param(params.bias, fshape, "params.bias", x.dtype)
-  mean_state = _checks.check_param(state.mean, fshape, "state.mean", x.dtype)
-  var_state = _checks.check_param(state.var, fshape, "state.var", x.dtype)
+  mean_state = _checks.check_param(
+    state.mean, fshape, "state.mean", x.dtype, required=True
+  )
+  var_state = _checks.check_param(
+    state.var, fshape, "state.var", x.dtype, required=True
+  )
   r_max = _check_bound(r_max, "r_max", 1.0)
   d_max = _check_bound(d_max, "d_max", 0.0)
   mask = _checks.check_mask(mask, x.shape)

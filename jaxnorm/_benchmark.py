@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxnorm import _checks
+
 
 class BenchmarkResult(NamedTuple):
   """What :func:`benchmark` measured.
@@ -60,7 +62,8 @@ def forward_and_backward(fn: Callable, argnums: Sequence[int]) -> Callable:
     y = _first(fn(*args))
     return jnp.sum(y.astype(jnp.float32) * dy.astype(jnp.float32)), y
 
-  grad = jax.grad(loss, argnums=tuple(argnums), has_aux=True)
+  # allow_int: an integer leaf (num_batches_tracked) gets a float0 gradient.
+  grad = jax.grad(loss, argnums=tuple(argnums), has_aux=True, allow_int=True)
 
   def step(dy, *args):
     grads, y = grad(*args, dy)
@@ -149,6 +152,23 @@ def residual_bytes(fn: Callable, args: Sequence[Any], argnums: Sequence[int]) ->
   )
 
 
+def _check_argnums(argnums: Any, n: int) -> tuple[int, ...]:
+  """``argnums`` (``None``, an int or a sequence of ints) as a tuple of
+  positions in ``range(n)``."""
+  if argnums is None:
+    return tuple(range(n))
+  if _checks.is_int(argnums):
+    argnums = (argnums,)
+  if not isinstance(argnums, Sequence) or not all(map(_checks.is_int, argnums)):
+    raise TypeError(f"`argnums` must be an int or a sequence of ints, got {argnums!r}.")
+  out = tuple(int(i) % n if -n <= i < n else None for i in argnums)
+  if None in out or not out:
+    raise ValueError(
+      f"`argnums`={argnums!r} must name at least one of the {n} positions of `args`."
+    )
+  return out
+
+
 def benchmark(
   fn: Callable,
   *args: Any,
@@ -175,14 +195,18 @@ def benchmark(
     *args: its arguments; the first is the input ``x``.
     mode: ``"fwd"`` (forward only) or ``"fwd+bwd"`` (forward and backward).
     reps: number of timed calls (at least 1).
-    argnums: positions in ``args`` to differentiate for ``"fwd+bwd"``.
+    argnums: position or positions in ``args`` to differentiate for
+      ``"fwd+bwd"`` (an integer leaf, such as ``num_batches_tracked``, gets
+      a ``float0`` gradient, as with ``jax.grad(..., allow_int=True)``).
     seed: seed of the random cotangent ``dy``.
 
   Returns:
     A :class:`BenchmarkResult`.
 
   Raises:
-    ValueError: an unknown ``mode``, ``reps < 1``, or no arguments.
+    TypeError: ``reps`` not an int, ``argnums`` not ints.
+    ValueError: an unknown ``mode``, ``reps < 1``, no arguments, or an
+      ``argnums`` out of range.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -197,14 +221,13 @@ def benchmark(
   """
   if mode not in ("fwd", "fwd+bwd"):
     raise ValueError(f"`mode` must be 'fwd' or 'fwd+bwd', got {mode!r}.")
-  if not isinstance(reps, int) or reps < 1:
-    raise ValueError(f"`reps` must be a positive int, got {reps!r}.")
+  reps = _checks.as_int(reps, "reps", least=1)
   if not args:
     raise ValueError("`args` is empty: pass at least the input `x`.")
   if mode == "fwd":
     program, call_args, saved = forward_only(fn), args, None
   else:
-    argnums = tuple(range(len(args))) if argnums is None else tuple(argnums)
+    argnums = _check_argnums(argnums, len(args))
     y = jax.eval_shape(lambda *a: _first(fn(*a)), *args)
     dy = jax.random.normal(jax.random.key(seed), y.shape, jnp.float32).astype(y.dtype)
     program = forward_and_backward(fn, argnums)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -193,16 +193,44 @@ def check_mask(mask: Any, shape: tuple[int, ...]) -> jax.Array | None:
   return mask.astype(bool)
 
 
+def check_fields(obj: Any, name: str, cls: type) -> None:
+  """``obj`` has every field of the NamedTuple ``cls`` (it is one, or any
+  object with those attributes), or raises ``TypeError`` naming ``name``:
+  a dict or tuple in its place would otherwise fail deeper down with an
+  ``AttributeError``."""
+  missing = [f for f in cls._fields if not hasattr(obj, f)]
+  if missing:
+    hint = (
+      f" For a dict `d`, pass `jaxnorm.{cls.__name__}(**d)`."
+      if isinstance(obj, Mapping)
+      else ""
+    )
+    raise TypeError(
+      f"`{name}` must be a `jaxnorm.{cls.__name__}` with fields "
+      f"{', '.join(cls._fields)}; got {type(obj).__name__}, which has no "
+      f"`{missing[0]}`.{hint}"
+    )
+
+
 def check_param(
-  p: Any, expected: tuple[int, ...], name: str, x_dtype: Any = None
+  p: Any,
+  expected: tuple[int, ...],
+  name: str,
+  x_dtype: Any = None,
+  x_name: str = "x",
+  *,
+  required: bool = False,
 ) -> jax.Array | None:
   """Checks that a parameter or state leaf has the shape the input implies.
 
   With ``x_dtype``, also that it is floating point, and real unless ``x`` is
   complex: an integer state would be truncated at every update, and the
-  imaginary part of a complex parameter silently dropped.
+  imaginary part of a complex parameter silently dropped. ``None`` (no
+  scale, no bias) passes unless ``required``.
   """
   if p is None:
+    if required:
+      raise TypeError(f"`{name}` is None, but the layer needs it.")
     return None
   p = jnp.asarray(p)
   if x_dtype is not None:
@@ -212,7 +240,8 @@ def check_param(
       x_dtype, jnp.complexfloating
     ):
       raise TypeError(
-        f"`{name}` is complex ({p.dtype}) but `x` is real ({jnp.dtype(x_dtype)})."
+        f"`{name}` is complex ({p.dtype}) but `{x_name}` is real "
+        f"({jnp.dtype(x_dtype)})."
       )
   if tuple(p.shape) != tuple(expected):
     raise ValueError(

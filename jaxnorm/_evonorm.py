@@ -177,13 +177,17 @@ def evonorm_b0(
     ((4, 6, 6, 8), (8,))
   """
   x = _real(_checks.check_input(x))
+  _checks.check_fields(params, "params", EvoNormParams)
+  _checks.check_fields(state, "state", EvoNormB0State)
   _check_bool(use_running_average)
   momentum = _checks.check_hyper(momentum, "momentum", high=1.0)
   c, fshape, bshape = _channel_axis(x, axis)
   scale = _checks.check_param(params.scale, fshape, "params.scale", x.dtype)
   bias = _checks.check_param(params.bias, fshape, "params.bias", x.dtype)
-  v = _checks.check_param(params.v, fshape, "params.v", x.dtype)
-  var_state = _checks.check_param(state.var, fshape, "state.var", x.dtype)
+  v = _checks.check_param(params.v, fshape, "params.v", x.dtype, required=True)
+  var_state = _checks.check_param(
+    state.var, fshape, "state.var", x.dtype, required=True
+  )
   mask = _checks.check_mask(mask, x.shape)
   cdtype = _checks.compute_dtype(x.dtype, dtype)
   out_dtype = x.dtype if dtype is None else jnp.dtype(dtype)
@@ -306,12 +310,13 @@ def evonorm_s0(
     (2, 3, 3, 8)
   """
   x = _real(_checks.check_input(x))
+  _checks.check_fields(params, "params", EvoNormParams)
   c, fshape, bshape = _channel_axis(x, axis)
   channels = x.shape[c]
   groups = resolve_groups(channels, num_groups, group_size)
   scale = _checks.check_param(params.scale, fshape, "params.scale", x.dtype)
   bias = _checks.check_param(params.bias, fshape, "params.bias", x.dtype)
-  v = _checks.check_param(params.v, fshape, "params.v", x.dtype)
+  v = _checks.check_param(params.v, fshape, "params.v", x.dtype, required=True)
   mask = _checks.check_mask(mask, x.shape)
   cdtype = _checks.compute_dtype(x.dtype, dtype)
   out_dtype = x.dtype if dtype is None else jnp.dtype(dtype)

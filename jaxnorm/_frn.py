@@ -118,7 +118,7 @@ def filter_response_norm(
     ``y``, of the shape of ``x``.
 
   Raises:
-    TypeError: ``x`` is not floating point.
+    TypeError: ``x`` is not floating point, or complex with ``use_tlu``.
     ValueError: ``axis`` out of range or including axis 0, parameter shapes
       that do not match ``x``, ``use_tlu`` without ``params.tau``, or a
       ``mask`` that does not broadcast.
@@ -140,6 +140,7 @@ def filter_response_norm(
     True
   """
   x = _checks.check_input(x)
+  _checks.check_fields(params, "params", FilterResponseNormParams)
   faxes = _checks.canonicalize_axes(x.ndim, axis, "axis")
   if 0 in faxes:
     raise ValueError(
@@ -156,6 +157,13 @@ def filter_response_norm(
     raise ValueError(
       "`use_tlu=True` needs `params.tau`; create it with "
       "`filter_response_norm_init(..., use_tlu=True)` or pass `use_tlu=False`."
+    )
+  if use_tlu and jnp.iscomplexobj(x):
+    # max(y, tau) has no meaning for complex numbers (jnp.maximum would
+    # compare them lexicographically).
+    raise TypeError(
+      f"`x` is complex ({x.dtype}), for which the TLU max(y, tau) is not "
+      "defined: pass `use_tlu=False` (the normalization itself takes complex x)."
     )
   mask = _checks.check_mask(mask, x.shape)
   stats_dtype = _checks.compute_dtype(x.dtype, dtype)

@@ -161,6 +161,7 @@ def group_norm(
     True
   """
   x = _checks.check_input(x)
+  _checks.check_fields(params, "params", NormParams)
   c = _checks.single_axis(x.ndim, axis, "axis")
   if c == 0 and x.ndim > 1:
     raise ValueError(f"`axis`={axis} is axis 0, the batch axis of group norm.")
@@ -253,6 +254,7 @@ def instance_norm(
     True
   """
   x = _checks.check_input(x)
+  _checks.check_fields(params, "params", NormParams)
   faxes = _checks.canonicalize_axes(x.ndim, axis, "axis")
   if 0 in faxes:
     raise ValueError(f"`axis`={axis} includes axis 0, the batch axis of instance norm.")

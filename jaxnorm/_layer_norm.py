@@ -89,6 +89,7 @@ def _feature_norm(
   force_float32_reductions,
 ):
   x = _checks.check_input(x)
+  _checks.check_fields(params, "params", NormParams)
   raxes = _checks.canonicalize_axes(x.ndim, reduction_axes, "reduction_axes")
   faxes = _checks.canonicalize_axes(x.ndim, feature_axes, "feature_axes")
   fshape = _checks.feature_shape(x.shape, faxes)

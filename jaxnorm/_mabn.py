@@ -365,7 +365,10 @@ def moving_average_batch_norm(
 
   With ``axis_name``, :math:`\chi_t` and :math:`\psi_t` are taken over every
   device's elements, weighted by count; ``mask`` leaves elements out of both
-  statistics (they are still normalized).
+  statistics (they are still normalized). Unlike batch norm, training with
+  a single value per channel (a batch of one ``(1, C)``) is allowed: the
+  uncentred :math:`\chi_t = x^2` of one value is well defined, and small
+  batches are what the layer is for.
 
   Stability: the second moment ``E[x^2]`` has no cancellation; it is
   exact to the summation error of its dtype (float32, float64 for float64
@@ -422,6 +425,8 @@ def moving_average_batch_norm(
     ...                                     use_running_average=True)
   """
   x = _real(_checks.check_input(x), "x")
+  _checks.check_fields(params, "params", NormParams)
+  _checks.check_fields(state, "state", MovingAverageBatchNormState)
   use_running_average = _checks.as_bool(use_running_average, "use_running_average")
   c = _checks.single_axis(x.ndim, axis, "axis")
   epsilon = _checks.check_hyper(epsilon, "epsilon")
@@ -432,7 +437,7 @@ def moving_average_batch_norm(
   bshape = _checks.broadcast_shape(x.ndim, x.shape, (c,))
   scale = _checks.check_param(params.scale, fshape, "params.scale", x.dtype)
   bias = _checks.check_param(params.bias, fshape, "params.bias", x.dtype)
-  var = _checks.check_param(state.var, fshape, "state.var", x.dtype)
+  var = _checks.check_param(state.var, fshape, "state.var", x.dtype, required=True)
   if jnp.ndim(state.second_moments) != 2:
     raise ValueError(
       "`state.second_moments` must have shape (buffer_size, C), got "
@@ -445,7 +450,7 @@ def moving_average_batch_norm(
   grad_moments = _checks.check_param(
     state.grad_moments, (buffer_size, *fshape), "state.grad_moments", x.dtype
   )
-  _checks.check_param(state.count, (), "state.count")
+  _checks.check_param(state.count, (), "state.count", required=True)
   mask = _checks.check_mask(mask, x.shape)
   stats_dtype = _checks.compute_dtype(x.dtype, dtype)
   out_dtype = x.dtype if dtype is None else jnp.dtype(dtype)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 from jaxnorm import _checks, _stats
@@ -40,7 +41,8 @@ def normalize(
     An array of the shape and dtype of ``x``.
 
   Raises:
-    TypeError: if ``x`` is not floating point.
+    TypeError: if ``x`` is not floating point, or an array argument is not
+      floating point (or is complex while ``x`` is real).
     ValueError: if an argument does not broadcast to ``x``.
 
   Examples:
@@ -65,6 +67,13 @@ def normalize(
       raise ValueError(
         f"`{name}` of shape {shape} does not broadcast to `x` of shape {x.shape}."
       )
+    # A Python number is weakly typed and takes x's dtype; an array must be
+    # floating point (and real for real x), as every layer's parameters.
+    if _checks.is_int(v) or type(v) is float:
+      continue
+    if isinstance(v, (bool, np.bool_)):
+      raise TypeError(f"`{name}` must be a number or a float array, got {v!r}.")
+    _checks.check_param(v, shape, name, x.dtype)
   dtype = _checks.compute_dtype(x.dtype)
   return _stats.normalize_with(
     x,

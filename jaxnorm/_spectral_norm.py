@@ -146,7 +146,8 @@ def spectral_norm(
     ``(w / sigma, new_state)``; the weight has the dtype of ``w``.
 
   Raises:
-    TypeError: ``w`` not floating point, ``update_stats`` not a bool.
+    TypeError: ``w`` not floating point, ``update_stats`` not a bool,
+      ``n_steps`` not an int.
     ValueError: ``w`` of rank below 2, ``state.u`` of the wrong shape, or
       ``n_steps`` below 1.
 
@@ -165,12 +166,9 @@ def spectral_norm(
     True
   """
   w = _checks.check_input(w, "w")
-  if not isinstance(update_stats, bool):
-    raise TypeError(
-      f"`update_stats` must be a Python bool, got {type(update_stats).__name__}."
-    )
-  if not isinstance(n_steps, int) or n_steps < 1:
-    raise ValueError(f"`n_steps` must be an int of at least 1, got {n_steps!r}.")
+  _checks.check_fields(state, "state", SpectralNormState)
+  update_stats = _checks.as_bool(update_stats, "update_stats")
+  n_steps = _checks.as_int(n_steps, "n_steps", least=1)
   w_bar, new_state, _ = _spectral_norm_with_sigma(
     w, state, n_steps=n_steps, epsilon=epsilon, update_stats=update_stats
   )
@@ -180,7 +178,9 @@ def spectral_norm(
 def _spectral_norm_with_sigma(w, state, *, n_steps, epsilon, update_stats):
   """:func:`spectral_norm` that also returns sigma (flax's modules store it)."""
   mat = _matrix(w)
-  u0 = _checks.check_param(state.u, (mat.shape[1],), "state.u", mat.dtype)
+  u0 = _checks.check_param(
+    state.u, (mat.shape[1],), "state.u", mat.dtype, required=True
+  )
   epsilon = _checks.check_hyper(epsilon, "epsilon")
   u_start = u0.astype(mat.dtype)
   # A zero (or non-finite) u has no direction to iterate from: restart from

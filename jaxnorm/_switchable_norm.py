@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jaxnorm import _checks, _stats
-from jaxnorm._batch_norm import _as_shape, _ema, check_batch_size
+from jaxnorm._batch_norm import _as_shape, _ema, check_batch_size, check_flax_state
 from jaxnorm._types import BatchNormState
 
 
@@ -158,6 +158,9 @@ def switchable_norm(
     >>> y_eval, _ = jn.switchable_norm(x, params, state, use_running_average=True)
   """
   x = _checks.check_input(x)
+  _checks.check_fields(params, "params", SwitchableNormParams)
+  _checks.check_fields(state, "state", BatchNormState)
+  check_flax_state(state)
   use_running_average = _checks.as_bool(use_running_average, "use_running_average")
   momentum = _checks.check_hyper(momentum, "momentum", high=1.0)
   faxes = _checks.canonicalize_axes(x.ndim, axis, "axis")
@@ -173,8 +176,12 @@ def switchable_norm(
     params.mean_weights, (3,), "params.mean_weights", x.dtype
   )
   var_w = _checks.check_param(params.var_weights, (3,), "params.var_weights", x.dtype)
-  mean_state = _checks.check_param(state.mean, fshape, "state.mean", x.dtype)
-  var_state = _checks.check_param(state.var, fshape, "state.var", x.dtype)
+  mean_state = _checks.check_param(
+    state.mean, fshape, "state.mean", x.dtype, required=True
+  )
+  var_state = _checks.check_param(
+    state.var, fshape, "state.var", x.dtype, required=True
+  )
   mask = _checks.check_mask(mask, x.shape)
   stats_dtype = _checks.compute_dtype(x.dtype, dtype)
   out_dtype = x.dtype if dtype is None else jnp.dtype(dtype)

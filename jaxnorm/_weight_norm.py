@@ -92,9 +92,10 @@ def weight_norm(
     promoted with ``scale``.
 
   Raises:
-    TypeError: ``v`` not floating point.
-    ValueError: ``feature_axes`` out of range, or ``scale`` of the wrong
-      shape.
+    TypeError: ``v`` not floating point, or ``scale`` not floating point
+      (or complex).
+    ValueError: ``feature_axes`` out of range, ``scale`` of the wrong
+      shape, or a concrete ``epsilon`` negative or not finite.
 
   References:
     Salimans, Kingma. *Weight Normalization: A Simple Reparameterization to
@@ -110,13 +111,15 @@ def weight_norm(
     True
   """
   v = _real(_checks.check_input(v, "v"))
+  epsilon = _checks.check_hyper(epsilon, "epsilon")
   faxes, raxes = _axes(v, feature_axes)
   cdtype = jnp.promote_types(v.dtype, jnp.float32)
   vf = v.astype(cdtype)
   w = vf * lax.rsqrt(jnp.sum(jnp.square(vf), axis=raxes, keepdims=True) + epsilon)
   out_dtype = v.dtype
   if scale is not None:
-    scale = _checks.check_param(scale, tuple(v.shape[a] for a in faxes), "scale")
+    shape = tuple(v.shape[a] for a in faxes)
+    scale = _checks.check_param(scale, shape, "scale", v.dtype, x_name="v")
     bshape = _checks.broadcast_shape(v.ndim, v.shape, faxes)
     w = w * scale.astype(cdtype).reshape(bshape)
     out_dtype = jnp.result_type(v.dtype, scale.dtype)

@@ -9,6 +9,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import jaxnorm as jn
@@ -265,6 +266,32 @@ def test_benchmark_bad_arguments():
     jn.benchmark(jn.layer_norm, x, p, reps=0)
   with pytest.raises(ValueError, match="args"):
     jn.benchmark(jn.layer_norm)
+  with pytest.raises(TypeError, match="reps"):
+    jn.benchmark(jn.layer_norm, x, p, reps=True)
+  with pytest.raises(ValueError, match="argnums"):
+    jn.benchmark(jn.layer_norm, x, p, mode="fwd+bwd", argnums=2)
+  with pytest.raises(TypeError, match="argnums"):
+    jn.benchmark(jn.layer_norm, x, p, mode="fwd+bwd", argnums="x")
+
+
+def test_benchmark_numpy_reps_int_argnums_and_integer_state():
+  x = jnp.ones((4, 8))
+  r = jn.benchmark(jn.layer_norm, x, jn.layer_norm_init(8), reps=np.int64(2))
+  assert len(r.times_s) == 2
+  # One argnum as an int: only x is differentiated, so the backward pass
+  # keeps x (4 x 8 float32) and per-row statistics, not the parameters'.
+  r = jn.benchmark(jn.layer_norm, x, jn.layer_norm_init(8), mode="fwd+bwd", argnums=0)
+  assert r.residual_bytes >= x.nbytes
+  # Every argument, including a state with an integer num_batches_tracked.
+  params, state = jn.batch_norm_init(8, running_stats="torch")
+
+  def bn(x, params, state):
+    return jn.batch_norm(
+      x, params, state, use_running_average=False, running_stats="torch", momentum=0.1
+    )
+
+  r = jn.benchmark(bn, x, params, state, mode="fwd+bwd", reps=1)
+  assert r.median_s > 0
 
 
 def _load_sync_bn():

@@ -369,6 +369,27 @@ def test_linen_against_flax(layer_cls, layer_kwargs, bn_module, bn_kwargs, x_sha
   _close(folded_layer.apply(folded, x), y_ref, tol=5e-5)
 
 
+def test_linen_folds_a_torch_statistics_batch_norm():
+  # Its batch_stats also hold num_batches_tracked, which plays no part in the
+  # fold; it was refused as an unexpected entry.
+  rng = _rng(7)
+  dense = nn.Dense(4)
+  x = _randn(rng, 6, 5)
+  dense_vars = dense.init(jax.random.key(0), x)
+  bn = jnl.BatchNorm(use_running_average=False, running_stats="torch", momentum=0.3)
+  bn_vars = _trained_linen_bn(
+    bn, lambda: dense.apply(dense_vars, _randn(rng, 6, 5, loc=1.0, scale=2.0)), rng
+  )
+  assert int(bn_vars["batch_stats"]["num_batches_tracked"]) == 3
+  folded = jnl.fold_batch_norm(dense_vars, bn_vars, epsilon=1e-5)
+  p, s = bn_vars["params"], bn_vars["batch_stats"]
+  k, b = (np.float64(dense_vars["params"][n]) for n in ("kernel", "bias"))
+  y_ref = np_bn_eval(
+    np.float64(x) @ k + b, p["scale"], p["bias"], s["mean"], s["var"], 1e-5
+  )
+  _close(dense.apply(folded, x), y_ref)
+
+
 def test_linen_keeps_boxed_metadata():
   layer = nn.Dense(
     3, kernel_init=nn.with_partitioning(nn.initializers.lecun_normal(), (None, "model"))

@@ -477,6 +477,69 @@ def test_nnx_round_trip_gives_back_the_same_module():
   _bits_equal(state2, before)
 
 
+def _np_eval(x, scale, bias, mean, var, eps=1e-5):
+  x, scale, bias, mean, var = (np.float64(a) for a in (x, scale, bias, mean, var))
+  return (x - mean) / np.sqrt(var + eps) * scale + bias
+
+
+def test_nnx_torch_statistics_survive_a_round_trip():
+  # Unfreezing used to give back running_stats="flax" with momentum=0.1 kept:
+  # the next training step then moved the running mean 90% of the way.
+  rng = np.random.default_rng(3)
+  model = nnx.Sequential(
+    jnx.BatchNorm(2, running_stats="torch", momentum=0.1, rngs=nnx.Rngs(0))
+  )
+  for _ in range(3):
+    model(jnp.asarray(rng.normal(1.0, 2.0, (8, 2)), jnp.float32))
+  graphdef, state = nnx.split(model)
+  before = jax.tree.map(np.array, state)
+  assert jnx.freeze_batch_norm(model) == 1
+  frozen = model.layers[0]
+  assert frozen.running_stats == "torch" and int(frozen.num_batches_tracked[...]) == 3
+  x = jnp.asarray(rng.normal(1.0, 2.0, (8, 2)), jnp.float32)
+  bn = before["layers"][0]
+  expected = _np_eval(x, *(bn[k][...] for k in ("scale", "bias", "mean", "var")))
+  np.testing.assert_allclose(np.asarray(model(x)), expected, rtol=1e-5, atol=1e-5)
+  assert jnx.unfreeze_batch_norm(model) == 1
+  graphdef2, state2 = nnx.split(model)
+  assert graphdef2 == graphdef
+  _bits_equal(state2, before)
+  # One more training step follows PyTorch's convention, by hand:
+  # mean <- (1 - 0.1) mean + 0.1 batch mean, var with the unbiased batch var.
+  model(x)
+  x64 = np.float64(x)
+  np.testing.assert_allclose(
+    np.asarray(model.layers[0].mean[...]),
+    0.9 * bn["mean"][...] + 0.1 * x64.mean(0),
+    rtol=1e-5,
+  )
+  np.testing.assert_allclose(
+    np.asarray(model.layers[0].var[...]),
+    0.9 * bn["var"][...] + 0.1 * x64.var(0, ddof=1),
+    rtol=1e-5,
+  )
+  assert int(model.layers[0].num_batches_tracked[...]) == 4
+
+
+def test_linen_freezes_torch_statistics_batch_norm():
+  rng = np.random.default_rng(4)
+  bn = jnn.BatchNorm(use_running_average=False, running_stats="torch", momentum=0.1)
+  x = jnp.asarray(rng.normal(1.0, 2.0, (8, 2)), jnp.float32)
+  variables = bn.init(jax.random.key(0), x)
+  variables = {**variables, "params": _perturbed(variables["params"], 5)}
+  for _ in range(3):
+    _, updates = bn.apply(variables, x * 1.5 - 0.5, mutable=["batch_stats"])
+    variables = {**variables, **updates}
+  frozen = jnn.freeze_batch_norm(variables)
+  assert "params" not in frozen  # recognised as a batch norm and frozen
+  layer = jnn.FrozenBatchNorm(running_stats="torch")
+  assert _signature(frozen) == _signature(layer.init(jax.random.key(1), x))
+  p, st = variables["params"], variables["batch_stats"]
+  expected = _np_eval(x, p["scale"], p["bias"], st["mean"], st["var"])
+  np.testing.assert_allclose(np.asarray(layer.apply(frozen, x)), expected, rtol=1e-5)
+  _bits_equal(jnn.unfreeze_batch_norm(frozen), variables)
+
+
 def test_nnx_where_train_eval_and_view():
   model, x, _ = _fresh_nnx()
   assert jnx.freeze_batch_norm(model, where=nnx.PathContains("linear")) == 0

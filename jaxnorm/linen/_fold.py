@@ -135,7 +135,9 @@ def fold_batch_norm(
   bn_params = _collection(bn_variables, "bn_variables", "params", required=False)
   _check_keys(bn_params, "bn_variables", "params", ("scale", "bias"), ())
   stats = _collection(bn_variables, "bn_variables", "batch_stats", required=True)
-  _check_keys(stats, "bn_variables", "batch_stats", ("mean", "var"), ("mean", "var"))
+  # num_batches_tracked (running_stats="torch") plays no part in the fold.
+  allowed = ("mean", "var", "num_batches_tracked")
+  _check_keys(stats, "bn_variables", "batch_stats", allowed, ("mean", "var"))
 
   kernel_box = layer_params["kernel"]
   bias_box = layer_params.get("bias")

@@ -21,6 +21,7 @@ from jax.nn import initializers
 
 import jaxnorm as jn
 from jaxnorm import _checks
+from jaxnorm._batch_norm import check_running_stats
 from jaxnorm._description import as_inexact as _as_inexact
 from jaxnorm._description import out_dtype as _out_dtype
 
@@ -30,6 +31,8 @@ Initializer = Any
 Path = tuple[str, ...]
 
 _STATS = ("mean", "var")
+# A batch norm with running_stats="torch" also counts its training calls.
+_TRACKED = "num_batches_tracked"
 _AFFINE = ("scale", "bias")
 
 
@@ -92,6 +95,10 @@ class FrozenBatchNorm(nn.Module):
       float32 and the normalization is computed in at least float32; if
       false, they are in ``param_dtype`` and the input dtype.
     virtual_batch_size: accepted for compatibility; ignored.
+    running_stats: ``"flax"``, or ``"torch"`` for the frozen copy of a
+      ``BatchNorm(running_stats="torch")``: ``batch_stats`` then also holds
+      its int32 ``num_batches_tracked``, kept unchanged. Evaluation is the
+      same formula either way.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -124,6 +131,7 @@ class FrozenBatchNorm(nn.Module):
   use_fast_variance: bool = True
   force_float32_reductions: bool = True
   virtual_batch_size: int | None = None
+  running_stats: str = "flax"
 
   @nn.compact
   def __call__(
@@ -166,6 +174,10 @@ class FrozenBatchNorm(nn.Module):
     ).value
     scale = self._affine("scale", self.use_scale, self.scale_init, feature_shape)
     bias = self._affine("bias", self.use_bias, self.bias_init, feature_shape)
+    if check_running_stats(self.running_stats) == "torch":
+      # Kept, never read or updated, so that the variables stay those of
+      # the BatchNorm(running_stats="torch") that was frozen.
+      self.variable("batch_stats", _TRACKED, lambda: jnp.zeros((), jnp.int32))
     _check_shapes_match(
       {"mean": mean, "var": var, "scale": scale, "bias": bias},
       x.shape,
@@ -289,6 +301,11 @@ def _check_shapes(path: Path, arrays: Mapping[str, Any]) -> None:
     )
 
 
+def _without_tracked(node: Mapping[str, Any]) -> dict[str, Any]:
+  """A layer's arrays of the feature shape: all but the scalar counter."""
+  return {k: v for k, v in node.items() if k != _TRACKED}
+
+
 def _finish(variables: Mapping, out: dict) -> Any:
   """Returns ``out`` as the kind of mapping ``variables`` was."""
   return FrozenDict(out) if isinstance(variables, FrozenDict) else out
@@ -305,7 +322,8 @@ def freeze_batch_norm(
   are shared, not copied.
 
   A batch-norm layer is recognised by its variables: a ``batch_stats``
-  subtree whose keys are exactly ``mean`` and ``var`` (arrays), at a path
+  subtree whose keys are exactly ``mean`` and ``var`` (arrays), and
+  ``num_batches_tracked`` for ``running_stats="torch"``, at a path
   where ``params`` holds nothing or only ``scale`` and/or ``bias`` arrays
   (both are absent for ``use_scale=False, use_bias=False``). Any other
   layer, including one with more statistics (batch renorm, MABN) or
@@ -354,7 +372,7 @@ def freeze_batch_norm(
     params = {}
   moves = []
   for path, node in _subtrees(stats):
-    if set(node) != set(_STATS) or not all(_is_leaf(node[k]) for k in _STATS):
+    if set(node) - {_TRACKED} != set(_STATS) or not all(map(_is_leaf, node.values())):
       continue
     affine = _get(params, path)
     if affine is None:
@@ -367,7 +385,7 @@ def freeze_batch_norm(
       continue
     if where is not None and not where(path):
       continue
-    _check_shapes(path, {**node, **affine})
+    _check_shapes(path, {**_without_tracked(node), **affine})
     moves.extend((path, key) for key in affine)
   for path, key in moves:
     _get(stats, path)[key] = _pop_prune(params, path, key)
@@ -389,8 +407,9 @@ def unfreeze_batch_norm(
 
   A frozen layer is recognised by its variables: a ``batch_stats`` subtree
   whose keys are ``mean``, ``var`` and ``scale`` and/or ``bias`` (arrays),
-  at a path where ``params`` holds nothing. A frozen layer with neither
-  ``scale`` nor ``bias`` has the variables of a ``BatchNorm`` already.
+  and perhaps ``num_batches_tracked``, at a path where ``params`` holds
+  nothing. A frozen layer with neither ``scale`` nor ``bias`` has the
+  variables of a ``BatchNorm`` already.
 
   Args:
     variables: the model's variables (a dict or a ``FrozenDict``).
@@ -421,7 +440,7 @@ def unfreeze_batch_norm(
   params = out.get("params")
   moves = []
   for path, node in _subtrees(stats):
-    keys = set(node)
+    keys = set(node) - {_TRACKED}
     if not (
       set(_STATS) < keys <= set(_STATS + _AFFINE)
       and all(_is_leaf(v) for v in node.values())
@@ -431,7 +450,7 @@ def unfreeze_batch_norm(
       continue
     if where is not None and not where(path):
       continue
-    _check_shapes(path, node)
+    _check_shapes(path, _without_tracked(node))
     moves.extend((path, key) for key in _AFFINE if key in node)
   if moves:
     params = out.setdefault("params", {})

@@ -20,6 +20,7 @@ from flax.nnx.nn import dtypes as nnx_dtypes
 
 import jaxnorm as jn
 from jaxnorm import _checks, _description
+from jaxnorm._batch_norm import check_running_stats
 from jaxnorm._description import _NO_METADATA
 from jaxnorm._description import as_inexact as _as_inexact
 from jaxnorm.nnx._build import _lossless_promotion, _value
@@ -118,6 +119,10 @@ class FrozenBatchNorm(nnx.Module):
     force_float32_reductions: if true (the default), the normalization is
       computed in at least float32.
     virtual_batch_size: accepted for compatibility; ignored (kept).
+    running_stats: ``"flax"``, or ``"torch"`` for the frozen copy of a
+      ``BatchNorm(running_stats="torch")``, which then also holds its int32
+      ``num_batches_tracked`` (``nnx.BatchStat``), unchanged (kept).
+      Evaluation is the same formula either way.
 
   Raises:
     TypeError: ``num_features`` is not a positive int.
@@ -160,8 +165,12 @@ class FrozenBatchNorm(nnx.Module):
     scale_metadata: Mapping[str, Any] = _NO_METADATA,
     force_float32_reductions: bool = True,
     virtual_batch_size: int | None = None,
+    running_stats: str = "flax",
   ):
     shape = _checks.num_features_shape(num_features)
+    if check_running_stats(running_stats) == "torch":
+      # Kept unchanged (the layer never trains), for unfreeze_batch_norm.
+      self.num_batches_tracked = nnx.BatchStat(jnp.zeros((), jnp.int32))
     self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
     self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
     self.scale: nnx.BatchStat | None
@@ -191,6 +200,7 @@ class FrozenBatchNorm(nnx.Module):
     self.promote_dtype = promote_dtype
     self.force_float32_reductions = force_float32_reductions
     self.virtual_batch_size = virtual_batch_size
+    self.running_stats = running_stats
 
   def __call__(
     self,
@@ -299,8 +309,11 @@ class FrozenBatchNorm(nnx.Module):
       promote_dtype=bn.promote_dtype,
       force_float32_reductions=getattr(bn, "force_float32_reductions", True),
       virtual_batch_size=getattr(bn, "virtual_batch_size", None),
+      running_stats=getattr(bn, "running_stats", "flax"),
       **{name: getattr(bn, name) for name in _KEPT},
     )
+    if hasattr(frozen, "num_batches_tracked"):
+      frozen.num_batches_tracked = _retyped(bn.num_batches_tracked, nnx.BatchStat)
     frozen.mean = _retyped(bn.mean, nnx.BatchStat)
     frozen.var = _retyped(bn.var, nnx.BatchStat)
     if bn.scale is not None:
@@ -336,9 +349,12 @@ class FrozenBatchNorm(nnx.Module):
       promote_dtype=self.promote_dtype,
       force_float32_reductions=self.force_float32_reductions,
       virtual_batch_size=self.virtual_batch_size,
+      running_stats=self.running_stats,
       rngs=nnx.Rngs(0),  # Only for the ones/zeros replaced below.
       **{name: getattr(self, name) for name in _KEPT},
     )
+    if hasattr(self, "num_batches_tracked"):
+      bn.num_batches_tracked = _retyped(self.num_batches_tracked, nnx.BatchStat)
     bn.mean = _retyped(self.mean, nnx.BatchStat)
     bn.var = _retyped(self.var, nnx.BatchStat)
     if self.scale is not None:
