@@ -72,6 +72,13 @@ def _auto_devices(x: jax.Array) -> int:
   return math.prod(size for size, kind in kinds if kind == AxisType.Auto)
 
 
+def batch_may_be_split(x: jax.Array) -> bool:
+  """Whether axis 0 of ``x`` is split over devices, or may be: an Explicit
+  mesh axis splits it, or ``x`` lies on an Auto mesh of several devices,
+  whose shardings XLA chooses after tracing."""
+  return bool(reduced_mesh_axes(x, (0,))) or _auto_devices(x) > 1
+
+
 def auto_blocks(x: jax.Array, axes: tuple[int, ...]) -> int | None:
   """On an Auto mesh, for batch statistics: into how many blocks to cut the
   batch axis, whose moments are each taken where they lie, or ``None``.

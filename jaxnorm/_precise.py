@@ -11,7 +11,9 @@ is computed: the modules only call :func:`record` when asked to.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+import contextlib
+import contextvars
+from collections.abc import Hashable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -22,6 +24,26 @@ from jaxnorm import _checks, _stats
 
 # The linen collection recompute_batch_stats makes mutable to receive them.
 COLLECTION = "jaxnorm_moments"
+
+# Set while linen's recompute_batch_stats traces the model. A mutable
+# collection alone is no request: `apply(..., mutable=True)` makes every
+# collection mutable, and recording there added a stray collection to every
+# training step's updates (which broke loops that carry the variables).
+_RECORDING = contextvars.ContextVar("jaxnorm_recording", default=False)
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[None]:
+  """Within it, linen layers traced with :data:`COLLECTION` mutable record."""
+  token = _RECORDING.set(True)
+  try:
+    yield
+  finally:
+    _RECORDING.reset(token)
+
+
+def is_recording() -> bool:
+  return _RECORDING.get()
 
 
 def batch_moments(

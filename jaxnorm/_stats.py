@@ -125,13 +125,22 @@ def _saved(v: jax.Array) -> jax.Array:
 def _segment_sum(v: jax.Array, k: int) -> jax.Array:
   """Sums ``v`` over consecutive groups of ``k`` along axis 0, broadcast back.
 
-  Ghost batch norm's groups. A contraction with a 0/1 matrix rather than a
-  reshape to ``(N // k, k, ...)``: it needs no reshape of a sharded batch
-  axis (which an Explicit mesh refuses), and under SPMD ``jit`` a group that
-  spans devices costs one small all-reduce. ``HIGHEST`` keeps the float32
-  sums exact on GPUs and TPUs, whose default matmul precision is lower.
+  Ghost batch norm's groups, by a reshape to ``(N // k, k, ...)``: a NaN or
+  Inf stays in its own group. Where a mesh splits axis 0, or may, a
+  contraction with a 0/1 matrix does it instead: an Explicit mesh refuses
+  that reshape, and on an Auto mesh a group that spans devices costs one
+  small all-reduce this way (the reshape made the backward pass of ghost
+  batches across 2 shards take 3 collectives, not 2). There a non-finite
+  value reaches every group (``0 * NaN``): in the derivatives on an Auto
+  mesh (whose forward pass takes :func:`_ghost_blocked`), and in the
+  forward pass only where the shards cut ghost batches. ``HIGHEST`` keeps
+  the float32 sums exact on GPUs and TPUs, whose default matmul precision
+  is lower.
   """
   n = v.shape[0]
+  if not _explicit.batch_may_be_split(v):
+    per_group = jnp.sum(v.reshape((n // k, k) + v.shape[1:]), axis=1, keepdims=True)
+    return jnp.broadcast_to(per_group, (n // k, k) + v.shape[1:]).reshape(v.shape)
   rows = lax.broadcasted_iota(jnp.int32, (n // k, n), 1) // k
   member = (rows == lax.broadcasted_iota(jnp.int32, (n // k, n), 0)).astype(v.dtype)
   hi = lax.Precision.HIGHEST
@@ -187,6 +196,15 @@ def _static_count(x_shape, axes, segment, groups) -> int:
   return n
 
 
+def _less(sq: jax.Array, correction: jax.Array) -> jax.Array:
+  """``sq - correction``, the corrected sum of squares: never below 0 (for a
+  constant row both are equal up to rounding, which left -4e-24, and NaN
+  outputs at a tiny ``epsilon``), and ``inf`` where ``sq`` overflowed
+  (``inf - inf`` would be NaN; flax's exact mode and PyTorch give ``inf``).
+  """
+  return jnp.where(jnp.isinf(sq), sq, jnp.maximum(sq - correction, 0.0))
+
+
 def _two_pass(total, xf, mask, safe, primal=None, split=False):
   """``(mean, m2, None)`` of ``xf`` by the corrected two-pass, differentiated
   as the moments they are. With ``split``, ``(hi, m2, lo)`` instead: the
@@ -222,7 +240,7 @@ def _two_pass(total, xf, mask, safe, primal=None, split=False):
       c = total(xf) / n
       d = masked(xf - c, mask)
       dev = total(d)
-      hi, m2, lo = c, total(abs_sq(d)) - abs_sq(dev) / n, dev / n
+      hi, m2, lo = c, _less(total(abs_sq(d)), abs_sq(dev) / n), dev / n
     return (hi, m2, lo) if split else (hi + lo, m2, None)
 
   @moments2.defjvp
@@ -384,7 +402,7 @@ def _chan(counts, his, m2s, los, axis: int):
   if xp is jnp or not counts.all():
     # A part with nothing in it (count 0) contributes nothing, not a NaN.
     sq = jnp.where(counts > 0, sq, 0.0)
-  m2 = jnp.maximum(jnp.sum(sq, axis=axis, keepdims=True) - abs_sq(dev) / safe, 0.0)
+  m2 = _less(jnp.sum(sq, axis=axis, keepdims=True), abs_sq(dev) / safe)
   return tuple(v.squeeze(axis) for v in (total, ref, m2, dev / safe))
 
 

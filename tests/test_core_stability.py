@@ -137,6 +137,51 @@ def test_constant_input_gives_zero_variance_not_nan():
     assert bool(jnp.all(y == 0.0))
 
 
+@pytest.mark.parametrize("value", [0.1, 0.001, 7.7, 12345.678])
+@pytest.mark.parametrize("n", [7, 255])
+def test_constant_rows_of_inexact_values_never_go_below_zero(value, n):
+  # 0.1 * 7 / 7 rounds, and the two-pass's correction then left -4e-24:
+  # NaN at a tiny epsilon. The float64 variance of a constant is exactly 0.
+  eps = 1e-30
+  x = jnp.full((n, 4), value, jnp.float32)
+  p, s = jn.batch_norm_init(4)
+  y, new = jn.batch_norm(x, p, s, use_running_average=False, momentum=0.0, epsilon=eps)
+  assert np.var(np.float64(np.asarray(x)), axis=0).tolist() == [0.0] * 4
+  assert bool(jnp.all(new.var == 0.0)) and bool(jnp.all(y == 0.0))
+  rows = jnp.full((2, 3, 1, n), value, jnp.float32)
+  params = jn.NormParams(jnp.ones(n), jnp.zeros(n))
+  for y in (
+    jn.layer_norm(rows, params, epsilon=eps),
+    jn.instance_norm(rows, params, epsilon=eps),
+    jn.group_norm(rows, params, num_groups=1, epsilon=eps),
+  ):
+    assert bool(jnp.all(y == 0.0))
+
+
+def test_overflowing_variance_is_inf_not_nan():
+  # Deviations of 1e30 square beyond float32: the float64 variance, 2.7e60,
+  # is inf in float32. It was inf - inf = NaN, in y and the running state.
+  x = jnp.array([[1e30, 0.0], [-1e30, 0.0], [3e30, 0.0]], jnp.float32)
+  assert np.var(np.float64(np.asarray(x))[:, 0]) > np.finfo(np.float32).max
+  p, s = jn.batch_norm_init(2)
+  y, new = jn.batch_norm(x, p, s, use_running_average=False, momentum=0.0)
+  assert new.var.tolist() == [np.inf, 0.0]
+  assert bool(jnp.all(y == 0.0))
+  assert bool(jnp.all(jnp.isfinite(jn.layer_norm(x.T, jn.layer_norm_init(3)))))
+
+
+def test_ghost_batch_nan_stays_in_its_ghost_batch():
+  # A NaN in ghost batch 0 reached every ghost batch through the 0/1
+  # contraction (0 * NaN). Reference: the second ghost batch alone, float64.
+  x = jax.random.normal(jax.random.key(0), (6, 2)).at[1, 0].set(jnp.nan)
+  p, s = jn.batch_norm_init(2)
+  y, _ = jn.batch_norm(x, p, s, use_running_average=False, virtual_batch_size=3)
+  assert bool(jnp.all(jnp.isnan(y[:3, 0])))
+  second = np.float64(np.asarray(x[3:]))
+  want = (second - second.mean(0)) / np.sqrt(second.var(0) + 1e-5)
+  np.testing.assert_allclose(np.asarray(y[3:]), want, rtol=1e-5, atol=1e-6)
+
+
 def test_flax_and_haiku_default_batch_norm_fail_the_stability_case():
   """The measurement can fail: flax's fast variance and haiku's E[x^2]-E[x]^2."""
   import flax.linen as nn

@@ -113,6 +113,20 @@ def test_nnx_make_norm_builds_the_named_module(name):
   assert np.all(np.isfinite(np.asarray(y)))
 
 
+def test_linen_make_norm_passes_the_module_name():
+  # `name` was make_norm's own first parameter: name="bn1" clashed with it.
+  layer = jnn.make_norm("frozen_batch", name="bn1")
+  assert layer.name == "bn1"
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return jnn.make_norm("batch", name="bn1", use_running_average=True)(x)
+
+  variables = Net().init(jax.random.key(0), jnp.ones((4, 3)))
+  assert set(variables["params"]) == {"bn1"}
+
+
 def test_names_are_case_and_dash_insensitive():
   assert type(jnn.make_norm("Batch-Renorm")) is jnn.BatchRenorm
 

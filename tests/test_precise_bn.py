@@ -86,6 +86,28 @@ def test_linen_every_layer_gets_the_union():
   assert int(new["batch_stats"]["torch"]["num_batches_tracked"]) == 0
 
 
+def test_linen_mutable_true_returns_flax_collections_only():
+  # mutable=True made the moments collection mutable, and every training
+  # step then returned it too: a loop carrying the variables changed
+  # structure after one step. flax's BatchNorm is the reference.
+  x = jax.random.normal(jax.random.key(0), (16, 8))
+
+  def carried(norm):
+    model = norm(use_running_average=False)
+    variables = model.init(jax.random.key(1), x)
+
+    def body(i, v):
+      return {**v, **model.apply(v, x * i, mutable=True)[1]}
+
+    return jax.lax.fori_loop(0, 3, body, variables)
+
+  ours, theirs = carried(jnn.BatchNorm), carried(nn.BatchNorm)
+  assert jax.tree.structure(ours) == jax.tree.structure(theirs)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), ours, theirs
+  )
+
+
 def test_linen_deeper_layer_sees_training_mode_activations():
   class Stack(nn.Module):
     @nn.compact

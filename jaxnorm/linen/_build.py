@@ -23,12 +23,14 @@ def record_moments(
 ) -> None:
   """Records the moments of a training call for ``recompute_batch_stats``.
 
-  Only when the caller made the moments collection mutable: an ordinary
-  training step computes nothing more.
+  Only within ``recompute_batch_stats``, which also makes the moments
+  collection mutable: an ordinary training step, even with
+  ``mutable=True``, computes nothing more and returns flax's collections.
   """
   if (
     not training
     or module.is_initializing()
+    or not _precise.is_recording()
     or not module.is_mutable_collection(_precise.COLLECTION)
   ):
     return

@@ -45,7 +45,7 @@ _LAYERS = {
 NORM_NAMES = tuple(_LAYERS)
 
 
-def make_norm(name: str, **kwargs: Any) -> nn.Module:
+def make_norm(name: str, /, **kwargs: Any) -> nn.Module:
   """Creates a linen normalization layer from its name, for configurable models.
 
   Like detectron2's ``get_norm`` and timm's ``create_norm_layer``: a model
@@ -63,7 +63,8 @@ def make_norm(name: str, **kwargs: Any) -> nn.Module:
   layer, since flax's automatic names differ between the two classes).
 
   Args:
-    name: one of the names above (case-insensitive, ``-`` or ``_``).
+    name: one of the names above (case-insensitive, ``-`` or ``_``);
+      positional, so that ``name=`` in ``kwargs`` names the flax module.
     **kwargs: constructor arguments of the chosen module.
 
   Returns:

@@ -103,7 +103,9 @@ def recompute_batch_stats(
   acc = _precise.Accumulator()
   seen = 0
   for batch in _progress(batches, enabled=progress, desc="recompute_batch_stats"):
-    flat = traverse_util.flatten_dict(unfreeze(moments(variables, batch)))
+    with _precise.recording():  # (the trace happens at the first call)
+      updates = moments(variables, batch)
+    flat = traverse_util.flatten_dict(unfreeze(updates))
     for path, rows in flat.items():
       acc.add(path[:-1], rows)  # path ends with the variable's name
     seen += 1

@@ -46,7 +46,7 @@ NORM_NAMES = tuple(_LAYERS)
 
 
 def make_norm(
-  name: str, num_features: int, *, rngs: nnx.Rngs, **kwargs: Any
+  name: str, /, num_features: int, *, rngs: nnx.Rngs, **kwargs: Any
 ) -> nnx.Module:
   """Creates an nnx normalization layer from its name, for configurable models.
 
