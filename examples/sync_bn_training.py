@@ -20,7 +20,8 @@ It shows three things:
    well as sync BN here; at 1 image per device it normalizes every image by
    its own statistics in training but by the running average at test time,
    and loses about 15 points of accuracy, while sync BN (statistics of the
-   8 images) does not. Per-device BN's running statistics are averaged over
+   8 images) loses about 1 (a batch of 8 is small for BN, synchronized or
+   not). Per-device BN's running statistics are averaged over
    the devices after every step, as the flax examples do.
 
 Run::

@@ -206,7 +206,7 @@ def batch_norm(
 
   Raises:
     TypeError: ``x`` is not floating point, or ``use_running_average`` is
-      not a Python bool.
+      not a Python or NumPy bool.
     ValueError: ``axis`` out of range, parameter or state shapes that do not
       match ``x``, a ``mask`` that does not broadcast, an unbound
       ``axis_name``, bad ``axis_index_groups``, a single value per

@@ -186,7 +186,7 @@ def batch_renorm(
 
   Raises:
     TypeError: ``x`` is not floating point (or is complex, in training), or
-      ``use_running_average`` is not a Python bool.
+      ``use_running_average`` is not a Python or NumPy bool.
     ValueError: ``axis`` out of range, parameter or state shapes that do not
       match ``x``, non-scalar ``r_max``/``d_max`` (or, when they are Python
       numbers, ``r_max < 1`` or ``d_max < 0``), a ``mask`` that does not

@@ -34,8 +34,9 @@ class GroupSizeError(ValueError, ZeroDivisionError):
 
 
 class FeatureShapeError(ValueError, TypeError):
-  """An nnx module's ``num_features`` that does not match the input (flax's
-  layers fail on it with a TypeError from a reshape or broadcast)."""
+  """Features that do not match the input: an nnx module's ``num_features``,
+  or a linen module's stored ``batch_stats`` (flax's layers fail on both
+  with a TypeError from a reshape or broadcast)."""
 
 
 def is_int(v: Any) -> bool:

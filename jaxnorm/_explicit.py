@@ -16,7 +16,8 @@ against 2 and 3 for the global form; layer norm with its features sharded
 (``virtual_batch_size``) that lie within each shard need no merge at all;
 those made of whole shards merge within groups of consecutive devices, in
 the same single psum (1 forward, 2 forward+backward, against 2 and 3 for
-the global form); any other split keeps the global form.
+the global form); any other split keeps the global form, run with the
+mesh's axes made Auto (:func:`on_auto_axes`).
 
 On an Auto mesh the sharding is only chosen after tracing. There, for batch
 statistics, the batch axis is cut into as many blocks as there are devices
@@ -34,6 +35,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
@@ -205,3 +207,72 @@ def moments_by_shard(
     out_specs=(out,) * 4,
     axis_names=manual,
   )(*args)
+
+
+def falls_back(
+  x: jax.Array, axes: tuple[int, ...], segment: int | None, groups
+) -> bool:
+  """Whether Explicit mesh axes split the reduced ``axes`` of ``x`` in a way
+  :func:`moments_by_shard` cannot take: a ghost batch cut across a shard,
+  or group norm's groups of channels cut by one."""
+  if groups is not None and reduced_mesh_axes(x, (groups[0],)):
+    return True
+  names = reduced_mesh_axes(x, axes)
+  return bool(names) and segment is not None and ghost_span(x, names, segment) is None
+
+
+def in_partial_shard_map(x: jax.Array) -> bool:
+  """Whether ``x`` is inside a ``shard_map`` that left some mesh axes
+  Explicit. Split reduced axes there take the plain global form: a nested
+  ``shard_map`` failed to lower under ``grad``, and ``auto_axes`` failed to
+  linearize."""
+  mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+  return mesh is not None and AxisType.Manual in getattr(mesh, "axis_types", ())
+
+
+def on_auto_axes(f, x: jax.Array):
+  """``f`` with the Explicit axes of ``x``'s mesh made Auto, its array
+  outputs sharded like ``x`` along the axes they share with it (NumPy
+  outputs, static counts, pass through), so that XLA partitions the global
+  form as on an Auto mesh. Under Explicit sharding rules its reshapes
+  failed, or gathered full-size arrays: a ghost batch cut across shards
+  took 2 collectives forward and 5 forward+backward, against 2 and 3 on an
+  Auto mesh (8 CPU devices)."""
+  mesh = jax.typeof(x).sharding.mesh
+  explicit = tuple(
+    n
+    for n, t in zip(mesh.axis_names, mesh.axis_types, strict=True)
+    if t == AxisType.Explicit
+  )
+  spec = _spec(x)
+
+  def like_x(out):
+    if out.ndim != x.ndim:
+      return P()
+    same = (s == d for s, d in zip(out.shape, x.shape, strict=True))
+    return P(*(entry if eq else None for entry, eq in zip(spec, same, strict=True)))
+
+  def run(*args):
+    kept = {}
+
+    def arrays(*a):
+      leaves, kept["tree"] = jax.tree.flatten(f(*a))
+      kept["static"] = {i: v for i, v in enumerate(leaves) if isinstance(v, np.ndarray)}
+      return [v for i, v in enumerate(leaves) if i not in kept["static"]]
+
+    # The output shapes, from a trace without the mesh's types (with them,
+    # the global form is what fails or gathers).
+    bare = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), args
+    )
+    shardings = [like_x(s) for s in jax.eval_shape(arrays, *bare)]
+    out = iter(
+      jax.sharding.auto_axes(arrays, axes=explicit, out_sharding=shardings)(*args)
+    )
+    static = kept["static"]
+    leaves = [
+      static[i] if i in static else next(out) for i in range(kept["tree"].num_leaves)
+    ]
+    return jax.tree.unflatten(kept["tree"], leaves)
+
+  return run

@@ -39,6 +39,15 @@ def _l2_normalize(x, epsilon):
 
 
 def _power_iteration(mat, u, n_steps, epsilon):
+  # The squared norms overflow float32 once the entries pass about 1e18
+  # (then u = 0 and sigma = 0: the weight came back unnormalized). u and v
+  # are directions, so iterate on mat divided by a power of two near its
+  # largest entry: exact, hence bit for bit flax's iteration wherever that
+  # does not overflow (sigma >= max|W_ij|, so epsilon stays negligible).
+  # Never scaled up: small weights keep flax's epsilon convention.
+  _, exponent = jnp.frexp(lax.stop_gradient(jnp.max(jnp.abs(mat))))
+  mat = mat / jnp.ldexp(jnp.ones((), mat.dtype), jnp.maximum(exponent - 1, 0))
+
   # A loop rather than n_steps unrolled copies: the 15 warm-up steps of
   # spectral_norm_init would otherwise be 30 matrix-vector products to
   # compile. With a static trip count it is a scan, so it differentiates.

@@ -365,9 +365,12 @@ def merge(count, hi, m2, lo, sync: Sync):
   if sync.axis_name is None:
     return count, hi, m2, lo
   shape = jnp.broadcast_shapes(count.shape, hi.shape, m2.shape, lo.shape)
-  parts = jnp.stack(
-    [jnp.broadcast_to(v, shape).astype(hi.dtype) for v in (count, hi, m2, lo)]
-  )
+  # One stack wants one sharding: in a shard_map that leaves a mesh axis
+  # Explicit, the statistics may be split along a kept axis (channels under
+  # tensor parallelism) where the count is not. Adding zeros shaped and
+  # sharded like hi lines them up (and costs nothing once compiled).
+  zeros = jnp.zeros_like(jnp.broadcast_to(jnp.real(hi), shape))
+  parts = jnp.stack([(v + zeros).astype(hi.dtype) for v in (count, hi, m2, lo)])
   buf = _all_gather_by_psum(parts, sync)
   counts, his, m2s, los = jnp.real(buf[:, 0]), buf[:, 1], jnp.real(buf[:, 2]), buf[:, 3]
   if sync.groups is not None:
@@ -487,21 +490,28 @@ def moments(
   consecutive groups of ``k`` and every sample gets its own group's
   statistics (ghost batch norm); groups never span devices of ``sync``.
   """
+  if sync.axis_name is None and _explicit.falls_back(x, axes, segment, groups):
+    # Shards that cut ghost batches or groups of channels: the global form,
+    # partitioned by XLA as on an Auto mesh (see on_auto_axes).
+    again = functools.partial(
+      moments,
+      axes=axes,
+      use_mean=use_mean,
+      sync=sync,
+      dtype=dtype,
+      segment=segment,
+      groups=groups,
+    )
+    return _explicit.on_auto_axes(lambda x, mask: again(x, mask=mask), x)(x, mask)
   # On an Explicit mesh whose axes split the reduced axes, each shard's
   # moments and one merge (see jaxnorm/_explicit.py).
   names, span = (), 1
-  if sync.axis_name is None:
+  if sync.axis_name is None and not _explicit.in_partial_shard_map(x):
     names = _explicit.reduced_mesh_axes(x, axes)
-    # Group norm's groups of channels must not be cut by a shard.
-    if groups is not None and _explicit.is_split(x, groups[0]):
-      names = ()
     # Ghost batches: each within a shard (nothing is merged) or made of
-    # whole shards (merged within groups of devices); a ghost batch cut
-    # across a shard keeps the global form.
+    # whole shards (merged within groups of devices).
     if names and segment is not None:
       span = _explicit.ghost_span(x, names, segment)
-      if span is None:
-        names, span = (), 1
   # A ghost batch of whole shards is each shard's own statistics, merged.
   local_segment = segment if span == 1 else None
   # On an Auto mesh: blocks that each lie within a device, merged (for

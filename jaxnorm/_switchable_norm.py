@@ -137,7 +137,7 @@ def switchable_norm(
 
   Raises:
     TypeError: ``x`` is not floating point or ``use_running_average`` is not
-      a Python bool.
+      a Python or NumPy bool.
     ValueError: ``axis`` out of range or including axis 0, parameter or
       state shapes that do not match ``x``, a ``mask`` that does not
       broadcast, an unbound ``axis_name``, or a single value per channel in

@@ -725,3 +725,30 @@ def test_random_initializers_draw_from_the_key():
   b = jeqx.LayerNorm(3, scale_init=init, key=jax.random.key(1))
   assert a.scale.shape == (3,) and not np.allclose(a.scale, b.scale)
   np.testing.assert_array_equal(a.bias, np.zeros(3))
+
+
+@pytest.mark.parametrize(
+  "make, error, text",
+  [
+    (
+      lambda: jeqx.MovingAverageBatchNorm(3, axis_name="batch", buffer_size=0),
+      ValueError,
+      "buffer_size",
+    ),
+    (
+      lambda: jeqx.MovingAverageBatchNorm(3, axis_name="batch", buffer_size=2.5),
+      TypeError,
+      "buffer_size",
+    ),
+    (lambda: jeqx.LayerNorm(3, param_dtype="foo"), TypeError, "foo"),
+  ],
+)
+def test_constructor_errors_are_not_reported_as_a_missing_key(make, error, text):
+  # Only a random initializer's failure without a key asks for a key.
+  with pytest.raises(error, match=text):
+    make()
+
+
+def test_random_initializer_without_key_asks_for_one():
+  with pytest.raises(ValueError, match="needs a random key"):
+    jeqx.LayerNorm(3, scale_init=jax.nn.initializers.normal())

@@ -559,3 +559,41 @@ def test_errors_have_flax_type_and_text(case):
     assert text(str(flax_error.value)) in str(ours.value)
   else:
     assert "num_features" in str(ours.value)
+
+
+@pytest.mark.parametrize(
+  "name",
+  ["BatchNorm", "BatchRenorm", "MovingAverageBatchNorm", "SwitchableNorm", "EvoNormB0"],
+)
+def test_view_info_documents_use_running_average_like_flax(name):
+  # nnx.view_info reads the Args section of each layer's set_view docstring.
+  def model(m, cls):
+    class Net(nnx.Module):
+      def __init__(self, rngs):
+        self.lin = nnx.Linear(4, 6, rngs=rngs)
+        self.norm = cls(6, rngs=rngs)
+
+    return Net(nnx.Rngs(0))
+
+  want = nnx.view_info(model(nnx, nnx.BatchNorm))
+  got = nnx.view_info(model(jnx, getattr(jnx, name)))
+  assert "use_running_average: bool | None = None" in want
+  assert "use_running_average: bool | None = None" in got
+
+
+@pytest.mark.parametrize(
+  "build",
+  [
+    lambda m: m.LayerNorm(4),  # no rngs
+    lambda m: m.LayerNorm(4, 1e-6, rngs=nnx.Rngs(0)),  # epsilon positional
+    lambda m: m.BatchNorm(4, foo=1, rngs=nnx.Rngs(0)),
+    lambda m: m.BatchNorm(rngs=nnx.Rngs(0)),
+  ],
+)
+def test_constructor_type_errors_name_the_class_like_flax(build):
+  with pytest.raises(TypeError) as flax_error:
+    build(nnx)
+  with pytest.raises(TypeError) as ours:
+    build(jnx)
+  prefix = str(flax_error.value).split("(")[0]  # e.g. "BatchNorm.__init__"
+  assert str(ours.value).startswith(prefix + "()"), (ours.value, flax_error.value)

@@ -262,6 +262,93 @@ def test_shard_map_equals_unsharded(name, masked):
   _assert_close(got, want, GRAD_TOL)
 
 
+@pytest.mark.parametrize("name", list(SHARD_MAP_LAYERS))
+def test_partial_shard_map_with_explicit_channels_equals_unsharded(name):
+  """Data parallelism by a ``shard_map`` over ``data`` only, the channels
+  split by the ``model`` axis it leaves Explicit (tensor parallelism): the
+  statistics' merge over ``data`` meets statistics split over ``model``."""
+  init, apply = SHARD_MAP_LAYERS[name]
+  params, state = init(C)
+  params = _perturb(params)
+  x, w, _ = _data(with_mask=False)
+  want = _unsharded("ghost_batch_local" if name == "ghost_batch" else name, True, False)
+  if name in SYNCED:
+    apply = functools.partial(apply, axis_name="data")
+  mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+  f = jax.shard_map(
+    _step_fn(apply, True),
+    mesh=mesh,
+    in_specs=(P("data"), P(), P(), None, P("data")),
+    out_specs=(P("data"), P(), (P("data"), P())),
+    axis_names={"data"},
+  )
+  with jax.set_mesh(mesh):
+    xs, ws = (jax.device_put(v, P("data", None, None, "model")) for v in (x, w))
+    got = jax.device_get(jax.jit(f)(xs, params, state, None, ws))
+  _assert_close(got, want, GRAD_TOL)
+
+
+@pytest.mark.parametrize(
+  "name, split",
+  [(n, 3) for n in ("layer", "switchable", "evonorm_b0", "batch")]
+  + [(n, 1) for n in ("switchable", "evonorm_b0", "batch")],
+)
+def test_gradient_of_partial_shard_map_equals_unsharded(name, split):
+  """``jax.grad`` (eager, and under ``jit``) of a ``shard_map`` over
+  ``data`` only, with H or the channels split by the Explicit ``model``
+  axis it leaves automatic."""
+  init, apply = SHARD_MAP_LAYERS[name]
+  params, state = init(C)
+  params = _perturb(params)
+  x, w, _ = _data(with_mask=False)
+  if split == 1:  # H split: 4 rows, so that the 2 devices of `model` divide it
+    x, w = (jnp.concatenate([v, v[:, :1] * 0.5 + 1.0], axis=1) for v in (x, w))
+  sync = dict(axis_name="data") if name in SYNCED else {}
+
+  def forward(x, params):
+    return apply(x, params, state, None, True, **sync)[0]
+
+  def loss(f):
+    return lambda x, params: jnp.sum(f(x, params) * w)
+
+  want = jax.grad(loss(lambda x, p: apply(x, p, state, None, True)[0]), (0, 1))(
+    x, params
+  )
+  mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+  f = jax.shard_map(
+    forward,
+    mesh=mesh,
+    in_specs=(P("data"), P()),
+    out_specs=P("data"),
+    axis_names={"data"},
+  )
+  spec = [None] * 4
+  spec[0], spec[split] = "data", "model"
+  with jax.set_mesh(mesh):
+    xs = jax.device_put(x, P(*spec))
+    eager = jax.grad(loss(f), (0, 1))(xs, params)
+    jitted = jax.jit(jax.grad(loss(f), (0, 1)))(xs, params)
+  _assert_close(jax.device_get(eager), want, GRAD_TOL)
+  _assert_close(jax.device_get(jitted), want, GRAD_TOL)
+
+
+@pytest.mark.parametrize("name", ["group", "evonorm_s0"])
+@pytest.mark.parametrize("kind", [AxisType.Auto, AxisType.Explicit])
+def test_groups_of_channels_cut_by_shards_equal_unsharded(name, kind):
+  """One channel per device: each group of 2 channels spans 2 shards."""
+  init, apply = LAYERS[name]
+  params, state = init(C)
+  params = _perturb(params)
+  x, w, _ = _data(with_mask=False)
+  step = _step_fn(apply, True)
+  want = _unsharded(name, True, False)
+  mesh = jax.make_mesh((8,), ("model",), axis_types=(kind,))
+  with jax.set_mesh(mesh):
+    xs, ws = (jax.device_put(v, P(None, None, None, "model")) for v in (x, w))
+    got = jax.device_get(jax.jit(step)(xs, params, state, None, ws))
+  _assert_close(got, want, GRAD_TOL)
+
+
 # --- linen and nnx modules ---------------------------------------------------
 
 MODULES = {
@@ -414,24 +501,33 @@ def test_ghost_batches_of_whole_shards_merge_in_groups(k):
   ],
 )
 def test_ghost_batches_across_shards_take_the_global_form(n, k, spec):
-  mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
-  if spec == P("data"):
-    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
+  """The global form, as XLA partitions it on an Auto mesh: exact, and no
+  more collectives than on an Auto mesh (the Explicit mesh's own sharding
+  rules gathered full-size arrays: 2 forward and 5 forward+backward, where
+  an Auto mesh takes 2 and 3)."""
+  shape, names = ((8,), ("data",)) if spec == P("data") else ((4, 2), ("data", "model"))
   params, state = jn.batch_norm_init(C)
+  params = _perturb(params)
   x = (
     jax.random.normal(jax.random.key(5), (n, H, 4, C)) * 1.5
     + jnp.arange(n)[:, None, None, None]
   )
-
-  def f(x):
-    return jn.batch_norm(
-      x, params, state, use_running_average=False, virtual_batch_size=k
-    )
-
-  want = jax.jit(f)(x)
-  with jax.set_mesh(mesh):
-    got = jax.device_get(jax.jit(f)(jax.device_put(x, NamedSharding(mesh, spec))))
-  _assert_close(got, want, OUT_TOL)
+  w = jax.random.normal(jax.random.key(6), x.shape)
+  apply = functools.partial(LAYERS["batch"][1], virtual_batch_size=k)
+  step = _step_fn(apply, True)
+  want = jax.jit(step)(x, params, state, None, w)
+  kinds = ("all-reduce", "all-gather", "all-to-all", "collective-permute")
+  counts = {}
+  for kind in (AxisType.Explicit, AxisType.Auto):
+    mesh = jax.make_mesh(shape, names, axis_types=(kind,) * len(names))
+    with jax.set_mesh(mesh):
+      xs, ws = (jax.device_put(v, NamedSharding(mesh, spec)) for v in (x, w))
+      got = jax.device_get(jax.jit(step)(xs, params, state, None, ws))
+      hlo = jax.jit(step).lower(xs, params, state, None, ws).compile().as_text()
+    _assert_close(got[:2], want[:2], OUT_TOL)
+    _assert_close(got[2], want[2], GRAD_TOL)
+    counts[kind] = sum(hlo.count(f" {c}(") + hlo.count(f" {c}-start(") for c in kinds)
+  assert counts[AxisType.Explicit] <= counts[AxisType.Auto] <= 4, counts
 
 
 def test_explicit_outputs_keep_the_input_sharding():

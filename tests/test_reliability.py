@@ -378,6 +378,18 @@ def test_spectral_norm_recovers_from_zero_u():
   assert float(jnp.linalg.norm(state.u)) > 0.5
 
 
+@pytest.mark.parametrize("scale", [1e-2, 1e19, 1e30])
+def test_spectral_norm_large_weights_are_normalized(scale):
+  # The power iteration's squared norms overflow float32 past about 1e18;
+  # the float64 SVD of the result says whether sigma was still found.
+  w = jax.random.normal(jax.random.key(0), (16, 8)) * scale
+  state = jn.spectral_norm_init(w, jax.random.key(1), n_warmup=100)
+  w_bar, state = jn.spectral_norm(w, state)
+  sigma = np.linalg.svd(np.asarray(w_bar, np.float64), compute_uv=False)[0]
+  np.testing.assert_allclose(sigma, 1.0, rtol=1e-4)
+  np.testing.assert_allclose(float(jnp.linalg.norm(state.u)), 1.0, rtol=1e-5)
+
+
 # --- 7. jax.export ------------------------------------------------------------
 
 EXPORTED = {

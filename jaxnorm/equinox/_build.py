@@ -102,7 +102,9 @@ _AXIS_NAME_DOC = (
 )
 _DOCS = {
   "dtype": "dtype of the output (default: the dtype of ``x``, as in "
-  "equinox; integer input is promoted with the parameters, as in flax).",
+  "equinox; integer input is promoted with the parameters, as in flax). "
+  "Not equinox's meaning: equinox's ``dtype`` is that of the weights, "
+  "which is ``param_dtype`` here (flax's names).",
   "axis": _CHANNEL_AXIS_DOC,
 }
 _STATEFUL_DOCS = {"axis_name": _AXIS_NAME_DOC}
@@ -179,7 +181,10 @@ Differences from :class:`equinox.nn.BatchNorm`: ``axis_name`` is a keyword
 (needed in training only); the running statistics are plain EMAs starting
 at mean 0 and variance 1, used as they are in inference (equinox's
 ``mode="batch"`` keeps the same EMAs but divides them by ``1 -
-momentum**t`` in inference; ``mode="ema"`` starts from the first batch);
+momentum**t`` in inference; ``mode="ema"``, its default, starts from the
+first batch and also normalizes in *training* by the running averages
+blended with the batch's statistics, so training outputs differ from the
+second step on);
 the variance is the exact two-pass one; a training call with a single
 value per channel raises ``ValueError``; the output has the dtype of
 ``x``.""",
@@ -450,7 +455,14 @@ def _make(var, config, shape, key) -> jax.Array:
     return init(key, shape, dtype)
   try:
     return init(None, shape, dtype)
-  except Exception as error:  # a random initializer given no key
+  except Exception as error:
+    # Only a random initializer's error means "pass a key": one that fails
+    # with a key too (a bad argument, a bad dtype, a bug in a custom
+    # initializer) is re-raised as it is.
+    try:
+      jax.eval_shape(lambda k: init(k, shape, dtype), jax.random.key(0))
+    except Exception:
+      raise error from None
     raise ValueError(
       f"The initializer of `{var.name}` needs a random key: pass "
       "`key=jax.random.key(...)` to the constructor."

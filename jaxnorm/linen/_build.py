@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxnorm import _description, _precise
+from jaxnorm import _checks, _description, _precise
 
 
 def record_moments(
@@ -47,8 +47,33 @@ def record_moments(
   module.put_variable(_precise.COLLECTION, "moments", _precise.record(previous, rows))
 
 
+def _check_running_shapes(module: nn.Module, layer, features) -> None:
+  """Raises if stored running statistics do not fit the input's features.
+
+  flax.linen's BatchNorm fails on them with a TypeError (broadcasting the
+  running averages against the batch's, in training and in evaluation)
+  before it reads ``params``; jaxnorm checks them first too, so that the
+  error is a TypeError (and a ValueError) naming the variable, instead of
+  the ScopeParamShapeError of the ``scale`` that comes next.
+  """
+  for var in layer.variables:
+    if var.collection == "params" or not var.when(module):
+      continue
+    if not module.has_variable(var.collection, var.name):
+      continue
+    found = tuple(jnp.shape(module.get_variable(var.collection, var.name)))
+    expected = tuple(var.shape(module, features))
+    if found != expected:
+      raise _checks.FeatureShapeError(
+        f"`{var.collection}/{var.name}` of {layer.name} has shape {found}, but "
+        f"an input whose features have shape {tuple(features)} needs "
+        f"{expected} (variables made for a different number of features?)."
+      )
+
+
 def _variables(module: nn.Module, layer, features):
   """Creates (or reads) the variables; returns values and the state holders."""
+  _check_running_shapes(module, layer, features)
   values, holders = {}, {}
   for var in layer.variables:
     if not var.when(module):
@@ -124,6 +149,20 @@ Returns:
 """
 
 
+_RAISES_DOC = """
+Raises:
+  TypeError: stored ``batch_stats`` whose shape does not fit the features of
+    ``x``, as in flax.linen (the error is also a ValueError and names the
+    variable).
+"""
+
+_STATS_SHAPE_NOTE = """
+Given ``batch_stats`` made for another number of features, the layer
+raises a TypeError (also a ValueError) naming the variable before it reads
+``params``, as flax.linen's BatchNorm raises a TypeError.
+"""
+
+
 def build(layer: _description.Layer) -> type[nn.Module]:
   """The ``nn.Module`` subclass described by ``layer``."""
   fields = layer.fields_for("linen")
@@ -159,11 +198,17 @@ def build(layer: _description.Layer) -> type[nn.Module]:
     else "",
     extra="".join(f"\n  {f.name}: {f.doc}" for f in layer.call_kwargs),
   )
+  doc = _description.docstring(layer, "linen")
+  if any(var.collection != "params" for var in layer.variables):
+    __call__.__doc__ += _RAISES_DOC
+    # The description's docstring is shared with nnx, whose layers check
+    # ``num_features`` instead: the note is linen's own.
+    doc = doc.replace("\nAttributes:", _STATS_SHAPE_NOTE + "\nAttributes:", 1)
   namespace = {
     "__annotations__": {f.name: f.annotation for f in fields},
     "__module__": "jaxnorm.linen",
     "__qualname__": layer.name,
-    "__doc__": _description.docstring(layer, "linen"),
+    "__doc__": doc,
     "__call__": nn.compact(__call__),
     "description": layer,
   }

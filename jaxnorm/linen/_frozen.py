@@ -159,7 +159,9 @@ class FrozenBatchNorm(nn.Module):
       ValueError: ``axis`` out of range for ``x``, stored variables whose
         shape does not match ``x``, a negative ``epsilon``, or a ``mask``
         that does not broadcast.
-      TypeError: a non-boolean ``mask``.
+      TypeError: a non-boolean ``mask``, or stored variables whose shape
+        does not match ``x`` (the error is both, like flax.linen's
+        BatchNorm's TypeError for such statistics).
     """
     del use_running_average  # Always evaluation mode: see the class docstring.
     x = jnp.asarray(x)
@@ -221,7 +223,9 @@ def _check_shapes_match(
   """Raises naming the frozen variable whose shape does not match ``x``."""
   for name, value in arrays.items():
     if value is not None and tuple(jnp.shape(value)) != tuple(feature_shape):
-      raise ValueError(
+      # Also a TypeError: flax.linen's BatchNorm, which this layer replaces,
+      # fails on such statistics with one.
+      raise _checks.FeatureShapeError(
         f"`batch_stats/{name}` has shape {tuple(jnp.shape(value))}, but `x` of "
         f"shape {tuple(x_shape)} with `axis`={axis} implies {tuple(feature_shape)}."
       )

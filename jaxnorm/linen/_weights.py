@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from flax.linen import dtypes as flax_dtypes
 from jax.nn import initializers
 
 import jaxnorm as jn
@@ -147,12 +148,24 @@ class SpectralNorm(nn.Module):
   start, the first calls underestimate it: 1.24 where the largest singular
   value is 1 in one measured Dense(5, 4)).
 
+  Dtypes are flax's: the power iteration runs in the promotion of the
+  weight and ``u``, and the normalized weight has that dtype (or
+  ``dtype``), so a bfloat16 kernel with float32 ``u`` gives float32
+  (and ``init`` stores the wrapped kernel as float32, as flax does). One
+  difference: ``u`` and ``sigma`` keep ``param_dtype`` when updated, where
+  flax stores them in the promoted dtype from the first update on.
+  flax.nnx's ``SpectralNorm`` returns the kernel's own dtype instead, and
+  so does :class:`jaxnorm.nnx.SpectralNorm`: with a low-precision kernel
+  the two twins differ in dtype, as flax's do (each follows its flax
+  namesake).
+
   Attributes:
     layer_instance: the module to wrap.
     n_steps: power-iteration steps per call (``< 1``: no normalization).
     epsilon: added to squared norms.
-    dtype: dtype of the normalized weight (default: promoted).
-    param_dtype: dtype of ``u`` and ``sigma``.
+    dtype: dtype of the normalized weight (default: promoted from the
+      weight and ``u``).
+    param_dtype: dtype of ``u`` and ``sigma``, kept on update.
     error_on_non_matrix: raise on parameters of rank above 2 instead of
       flattening them.
     collection_name: the collection of ``u`` and ``sigma``.
@@ -222,8 +235,12 @@ class SpectralNorm(nn.Module):
     sigma_var = self.variable(
       self.collection_name, name + "/sigma", jnp.ones, (), self.param_dtype
     )
+    # flax iterates in the promotion of the weight and ``u`` and returns the
+    # weight in that dtype (float32 for a bfloat16 kernel and float32 ``u``),
+    # which is also what init then stores as the wrapped kernel.
+    compute = flax_dtypes.canonicalize_dtype(value, u_var.value)
     w, new_state, sigma = _spectral_norm_with_sigma(
-      value,
+      value.astype(compute),
       SpectralNormState(u_var.value[0]),
       n_steps=self.n_steps,
       epsilon=self.epsilon,

@@ -84,7 +84,12 @@ def _init_signature(layer) -> inspect.Signature:
 
 
 def _init(self, layer, signature, args, kwargs) -> None:
-  bound = signature.bind(self, *args, **kwargs)
+  try:
+    bound = signature.bind(self, *args, **kwargs)
+  except TypeError as e:
+    # Python's own message names the function (flax's layers are plain
+    # classes); Signature.bind's does not.
+    raise TypeError(f"{layer.name}.__init__() {e}") from None
   bound.apply_defaults()
   arguments = dict(bound.arguments)
   del arguments["self"]
@@ -238,7 +243,12 @@ def build(layer: _description.Layer) -> type[nnx.Module]:
       return _run(self, layer, x, training, mask, kwargs)
 
     def set_view(self, use_running_average: bool | None = None):
-      """Used by ``nnx.view``: sets ``use_running_average`` if given."""
+      """Used by ``nnx.view`` (and ``model.train()``/``model.eval()``).
+
+      Args:
+        use_running_average: if True, the stored running statistics are used
+          instead of the batch's own; ``None`` leaves the setting as it is.
+      """
       if use_running_average is not None:
         self.use_running_average = use_running_average
 
