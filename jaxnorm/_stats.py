@@ -323,29 +323,40 @@ def local_moments(
 # --- 2. The merge across devices ------------------------------------------
 
 
-def _group_weights(sync: Sync) -> jax.Array:
-  """Which devices are in this device's group (1.0) or not (0.0), shape (n,)."""
+def _in_group(sync: Sync) -> jax.Array:
+  """Which devices are in this device's group, bool of shape (n,)."""
   group_of = [0] * sync.axis_size
   for k, g in enumerate(sync.groups):
     for i in g:
       group_of[i] = k
   group_of = jnp.asarray(group_of, jnp.int32)
-  mine = group_of[lax.axis_index(sync.axis_name)]
-  return (group_of == mine).astype(jnp.float32)
+  return group_of == group_of[lax.axis_index(sync.axis_name)]
 
 
-def _all_gather_by_psum(parts: jax.Array, sync: Sync) -> jax.Array:
-  """Stacks every device's ``parts`` along a new leading axis, in one psum.
+def _all_gather_by_psum(parts, sync: Sync):
+  """Stacks every device's ``parts`` (an array or a tuple of them) along a
+  new leading axis, in one psum.
 
   A psum of one-hot slots is an all-gather that is a single all-reduce,
   the collective every backend implements and combines best, and whose
-  derivative is again a single psum.
+  derivative is again a single psum. (A tuple is one variadic all-reduce:
+  unlike one stacked array, its parts may differ in shape, dtype, sharding
+  and ``vmap`` batching.) The slots are selected, not multiplied by 0 and
+  1, so that a NaN stays in its own device's slot.
   """
-  index = lax.axis_index(sync.axis_name)
-  slots = jax.nn.one_hot(index, sync.axis_size, dtype=jnp.real(parts).dtype)
-  return lax.psum(
-    slots.reshape((-1,) + (1,) * parts.ndim) * parts[None], sync.axis_name
-  )
+  mine = jnp.arange(sync.axis_size) == lax.axis_index(sync.axis_name)
+
+  def slot(v):
+    v = jnp.asarray(v)
+    return jnp.where(mine.reshape((-1,) + (1,) * v.ndim), v[None], 0)
+
+  return lax.psum(jax.tree.map(slot, parts), sync.axis_name)
+
+
+def _only_group(buf, sync: Sync):
+  """``buf``'s slots of devices outside this device's group set to 0."""
+  inside = _in_group(sync).reshape((-1,) + (1,) * (buf.ndim - 1))
+  return jnp.where(inside, buf, 0)
 
 
 def psum_in_groups(parts: jax.Array, sync: Sync) -> jax.Array:
@@ -354,9 +365,7 @@ def psum_in_groups(parts: jax.Array, sync: Sync) -> jax.Array:
     return parts
   if sync.groups is None:
     return lax.psum(parts, sync.axis_name)
-  buf = _all_gather_by_psum(parts, sync)
-  w = _group_weights(sync).reshape((-1,) + (1,) * parts.ndim)
-  return jnp.sum(buf * w.astype(buf.dtype), axis=0)
+  return jnp.sum(_only_group(_all_gather_by_psum(parts, sync), sync), axis=0)
 
 
 def merge(count, hi, m2, lo, sync: Sync):
@@ -364,18 +373,11 @@ def merge(count, hi, m2, lo, sync: Sync):
   (:func:`_chan`)."""
   if sync.axis_name is None:
     return count, hi, m2, lo
-  shape = jnp.broadcast_shapes(count.shape, hi.shape, m2.shape, lo.shape)
-  # One stack wants one sharding: in a shard_map that leaves a mesh axis
-  # Explicit, the statistics may be split along a kept axis (channels under
-  # tensor parallelism) where the count is not. Adding zeros shaped and
-  # sharded like hi lines them up (and costs nothing once compiled).
-  zeros = jnp.zeros_like(jnp.broadcast_to(jnp.real(hi), shape))
-  parts = jnp.stack([(v + zeros).astype(hi.dtype) for v in (count, hi, m2, lo)])
-  buf = _all_gather_by_psum(parts, sync)
-  counts, his, m2s, los = jnp.real(buf[:, 0]), buf[:, 1], jnp.real(buf[:, 2]), buf[:, 3]
+  bufs = _all_gather_by_psum((count, hi, m2, lo), sync)
   if sync.groups is not None:
-    counts = counts * _group_weights(sync).reshape((-1,) + (1,) * (buf.ndim - 2))
-  return _chan(counts, his, m2s, los, axis=0)
+    bufs = tuple(_only_group(b, sync) for b in bufs)
+  counts, his, m2s, los = bufs
+  return _chan(jnp.real(counts), his, jnp.real(m2s), los, axis=0)
 
 
 def _chan(counts, his, m2s, los, axis: int):

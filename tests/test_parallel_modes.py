@@ -547,3 +547,30 @@ def test_explicit_outputs_keep_the_input_sharding():
 def test_nn_module_is_flax():
   # The linen factory gives flax modules (guards the imports above).
   assert isinstance(jnl.make_norm("batch"), nn.Module)
+
+
+def test_nan_stays_in_its_ghost_batch_of_whole_shards():
+  """Ghost batches of 4 over shards of 2 (Explicit mesh): a NaN in ghost
+  batch 0 leaves the other three finite, as on one device."""
+  params, state = jn.batch_norm_init(C)
+  x = jax.random.normal(jax.random.key(0), (16, 2, C)).at[0, 0, 0].set(jnp.nan)
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
+  with jax.set_mesh(mesh):
+    y, _ = jax.jit(
+      functools.partial(jn.batch_norm, use_running_average=False, virtual_batch_size=4)
+    )(jax.device_put(x, P("data")), params, state)
+  has_nan = np.isnan(np.asarray(y)).reshape(4, -1).any(axis=1)
+  assert has_nan.tolist() == [True, False, False, False]
+
+
+def test_vmap_over_an_explicit_sharded_axis_with_reduced_axes_split():
+  """``vmap`` over an axis split by ``d`` while ``m`` splits the features:
+  the merged parts differ in batching, and must still merge."""
+  params = jn.layer_norm_init(C)
+  x = jax.random.normal(jax.random.key(1), (2, 8, 4, C)) * 2 + 3
+  want = jax.vmap(lambda v: jn.layer_norm(v, params))(x)
+  mesh = jax.make_mesh((2, 4), ("d", "m"), axis_types=(AxisType.Explicit,) * 2)
+  with jax.set_mesh(mesh):
+    xs = jax.device_put(x, P("d", None, None, "m"))
+    got = jax.jit(jax.vmap(lambda v: jn.layer_norm(v, params)))(xs)
+  _assert_close(jax.device_get(got), want, OUT_TOL)
