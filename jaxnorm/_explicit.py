@@ -121,12 +121,6 @@ def auto_ghost_blocks(x: jax.Array, k: int) -> int | None:
   return k // share if k % share == 0 else None
 
 
-def is_split(x: jax.Array, axis: int) -> bool:
-  """Whether a mesh axis splits ``axis`` of ``x`` (by its type)."""
-  sharding = getattr(jax.typeof(x), "sharding", None)
-  return bool(getattr(sharding, "spec", None)) and bool(_names(_spec(x)[axis]))
-
-
 def ghost_span(x: jax.Array, names: tuple[str, ...], k: int) -> int | None:
   """How many shards one ghost batch of ``k`` samples spans, when ``names``
   split the batch axis 0 and nothing else: 1 when every shard holds whole
@@ -183,8 +177,8 @@ def moments_by_shard(
 
   def local(x, mask=None):
     count, hi, m2, lo = local_moments(x, mask)
-    # One stack of (count, hi, m2, lo) wants one sharding; the statistics
-    # may be sharded along a kept axis where the count is not.
+    # The count leaves the shard_map with the statistics' shape and split
+    # (one out_spec for all four), so it is made full-size here.
     zeros = jnp.zeros_like(hi, jnp.real(hi).dtype)
     count = jnp.asarray(count, zeros.dtype) + zeros
     if not (per_sample and span == 1):
